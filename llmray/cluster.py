@@ -1,0 +1,139 @@
+"""Start or join Ray: join `RAY_ADDRESS` when set, else a local cluster bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from llmray.config import check
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+# Environment every Ray worker of ours gets: DeepSpeed on the CPU accelerator when there is no
+# GPU, quiet tokenizers, and no vLLM usage reporting (no network here).
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """Cluster to join (`ray://…`, `host:port` or `auto`); default: $RAY_ADDRESS, else a local cluster."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster; default: the machine's cores, at least 4 (Serve's ingress needs a slot)."""
+    object_store_memory_gb: float | None = None
+    """Object store size of a local cluster; default: Ray's own choice."""
+    dashboard: bool = False
+    """Start the dashboard of a local cluster (always on 127.0.0.1)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every worker."""
+    resource_wait_s: float = 120.0
+    """How long a stage waits for the resources it asks for before failing with the missing resource named."""
+
+    def __post_init__(self) -> None:
+        check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", f"must be >= 1, got {self.num_cpus}")
+        check(self.resource_wait_s > 0, "ray.resource_wait_s", "must be > 0")
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs for a local cluster: the cores, but at least 4 so that Serve's proxy,
+    ingress and a model replica can all be placed on a 2-core laptop (they mostly wait)."""
+    return max(4, os.cpu_count() or 1)
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    if not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(extra or {})
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch means no CUDA
+        return False
+
+
+def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
+    """Join or start Ray and return `ray.cluster_resources()`.
+
+    Joins `cfg.address` or `$RAY_ADDRESS` when set. Otherwise starts a fresh local instance whose
+    node address and dashboard are on 127.0.0.1. Idempotent: a second call in the same process
+    returns the running cluster's resources.
+    """
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    env = worker_env(cfg.env)
+    runtime_env = {"env_vars": env}
+    for k, v in env.items():  # the driver too, so code paths agree on both sides
+        os.environ.setdefault(k, v)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RuntimeError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}") from None
+    else:
+        kwargs = dict(
+            address="local",
+            num_cpus=cfg.num_cpus or local_num_cpus(),
+            _node_ip_address=LOOPBACK,
+            include_dashboard=cfg.dashboard,
+            runtime_env=runtime_env,
+        )
+        if cfg.dashboard:
+            kwargs["dashboard_host"] = LOOPBACK
+        if cfg.object_store_memory_gb:
+            kwargs["object_store_memory"] = int(cfg.object_store_memory_gb * 2**30)
+        kwargs.update(overrides)
+        ray.init(**kwargs)
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def require_resources(needed: dict[str, float], what: str, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for the cluster to offer `needed` (e.g. {"GPU": 2}); then fail,
+    naming the missing resource, instead of hanging on an unschedulable placement group.
+    An autoscaling cluster may add nodes while we wait."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total = ray.cluster_resources()
+        missing = {k: v for k, v in needed.items() if total.get(k, 0.0) < v}
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{k}={total.get(k, 0):g}" for k in missing)
+            want = ", ".join(f"{k}={v:g}" for k, v in missing.items())
+            raise RuntimeError(
+                f"{what} needs {want} but the cluster has {have} after waiting {timeout_s:.0f}s; "
+                "add nodes with that resource or lower the request in the config"
+            )
+        log.warning("%s waiting for resources %s (cluster has %s)", what, missing, total)
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))

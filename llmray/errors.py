@@ -1,0 +1,5 @@
+"""User errors: bad config, bad input, missing artifact. The CLI prints them in one line, no traceback."""
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a key, a value). The message says what and where."""

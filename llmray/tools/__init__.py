@@ -1,0 +1,1 @@
+"""Small maintenance commands run by the Makefile."""
