@@ -49,8 +49,28 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("corpus", "generate the synthetic corpus with ground-truth labels",
               "llmray.data.synthetic:CorpusConfig", "llmray.data.synthetic:run"),
+        Stage("clean-dedup", "clean, filter and deduplicate documents with Ray Data",
+              "llmray.data.pipeline:CleanDedupConfig", "llmray.data.pipeline:run"),
         Stage("tokenizer", "train a byte-level BPE tokenizer with a chat template",
               "llmray.models.tokenizer:TokenizerConfig", "llmray.models.tokenizer:run"),
+        Stage("pack", "tokenize documents and pack them into fixed-length training shards",
+              "llmray.data.pack:PackConfig", "llmray.data.pack:run"),
+        Stage("pretrain", "pretrain a decoder on packed shards (Ray Train + DeepSpeed ZeRO)",
+              "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run"),
+        Stage("sft", "supervised fine-tuning on chat data, loss on assistant tokens only",
+              "llmray.train.sft:SFTConfig", "llmray.train.sft:run"),
+        Stage("reward-model", "train a reward model on preference pairs",
+              "llmray.rl.reward_model:RewardModelConfig", "llmray.rl.reward_model:run"),
+        Stage("dpo", "direct preference optimisation on preference pairs",
+              "llmray.rl.dpo:DPOConfig", "llmray.rl.dpo:run"),
+        Stage("ppo", "RL with actor/critic/ref/reward/rollout worker groups (PPO, GRPO, RLOO)",
+              "llmray.rl.controller:RLConfig", "llmray.rl.controller:run"),
+        Stage("quantize", "quantize a model for vLLM, gated on perplexity",
+              "llmray.serving.quantize:QuantizeConfig", "llmray.serving.quantize:run"),
+        Stage("serve", "serve a model over an OpenAI-compatible HTTP API on Ray Serve",
+              "llmray.serving.stage:ServeConfig", "llmray.serving.stage:run"),
+        Stage("pipeline", "the whole life: corpus to served model, with a run report",
+              "llmray.pipeline:PipelineConfig", "llmray.pipeline:run"),
     ]
 }
 
