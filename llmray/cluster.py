@@ -91,6 +91,7 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise RuntimeError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}") from None
     else:
+        _pin_local_node_to_loopback()
         kwargs = dict(
             address="local",
             num_cpus=cfg.num_cpus or local_num_cpus(),
@@ -105,6 +106,20 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
         kwargs.update(overrides)
         ray.init(**kwargs)
     return ray.cluster_resources()
+
+
+def _pin_local_node_to_loopback() -> None:
+    """Keep a local single-node cluster on 127.0.0.1.
+
+    Ray 2.60 turns `_node_ip_address="127.0.0.1"` into the machine's interface address (so that
+    other nodes could reach it) unless its multi-node support is off. A local cluster has no other
+    nodes, so switch that off: for this process (the constant is read at import) and, through the
+    environment, for the raylet and workers it starts.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def shutdown_ray() -> None:

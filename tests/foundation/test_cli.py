@@ -1,0 +1,58 @@
+"""The `llmray` command: ls, one-line user errors with exit code 2 and no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def llmray(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "llmray.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_ls_lists_every_stage():
+    from llmray.stages import STAGES
+
+    r = llmray("ls")
+    assert r.returncode == 0, r.stderr
+    for name in STAGES:
+        assert name in r.stdout
+
+
+def test_unknown_stage_is_one_line_error():
+    r = llmray("fly")
+    assert r.returncode == 2
+    assert "unknown stage 'fly'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_config_file(tmp_path):
+    r = llmray("corpus", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2
+    assert "config file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_override_and_bad_key(tmp_path):
+    r = llmray("corpus", "num_documents")
+    assert r.returncode == 2 and "bad override 'num_documents'" in r.stderr
+    r = llmray("corpus", "num_docs=5")
+    assert r.returncode == 2 and "unknown key 'num_docs'" in r.stderr and "num_documents" in r.stderr
+
+
+def test_corpus_stage_runs_and_skips_when_complete(tmp_path):
+    out = tmp_path / "corpus"
+    args = ("corpus", f"output={out}", "num_documents=50", "num_sft=5", "num_preference=5",
+            "num_prompts=5", "num_eval=5")
+    r = llmray(*args)
+    assert r.returncode == 0, r.stderr
+    assert (out / "manifest.json").is_file() and (out / "docs" / "part-00000.jsonl").is_file()
+    r = llmray(*args)
+    assert r.returncode == 0 and '"skipped": true' in r.stdout
+
+
+def test_flags_become_overrides():
+    from llmray.cli import _flags_to_overrides
+
+    assert _flags_to_overrides(["--from", "sft", "--keep-serving", "--model=/m"]) == [
+        "from=sft", "keep_serving=true", "model=/m"]
