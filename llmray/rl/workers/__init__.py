@@ -1,0 +1,1 @@
+"""One module per RL role: actor, critic, ref, reward (RL algorithms) and rollout (vLLM engines)."""
