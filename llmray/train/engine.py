@@ -1,0 +1,156 @@
+"""Build a DeepSpeed engine for a model from typed settings; gather its full weights (ZeRO-3 too).
+
+Used inside Ray Train workers (pretrain, SFT, reward model, DPO) and inside plain Ray actors (the
+RL actor and critic). The caller's process must know its rank and world: either a torch process
+group already exists (Ray Train sets one up), or RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are
+in the environment, or it runs alone (world 1; a one-process gloo group is created on loopback).
+
+    engine = build_engine(model, ds, opt, total_steps=1000)
+    loss = engine(input_ids=x, labels=x, use_cache=False).loss
+    engine.backward(loss); engine.step()            # step() applies the optimizer at accumulation boundaries
+    state = gather_full_state_dict(engine)           # every rank must call it (a collective at ZeRO-3)
+
+`build_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
+ZeRO-3 keeps parameters sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig, ds_config, lr_factor
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def setup_env() -> None:
+    """CPU defaults every process that builds an engine needs (idempotent)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    root = os.environ.get("LLMRAY_ROOT") or os.getcwd()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(root, ".cache", "torch_extensions"))
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Make sure torch.distributed is initialised (gloo on CPU, nccl on GPU) and DeepSpeed's comm too."""
+    import torch
+    import torch.distributed as dist
+
+    setup_env()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+
+    t0 = time.monotonic()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    log.info("distributed ready (%s, world %d) in %.1fs", backend, dist.get_world_size(), time.monotonic() - t0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def param_groups(model: "torch.nn.Module", weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on tensors with >= 2 dims (matrices, embeddings); none on norms and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    model: "torch.nn.Module",
+    ds: DeepSpeedConfig,
+    opt: OptimizerConfig | None,
+    total_steps: int = 1,
+):
+    """`deepspeed.initialize` with a torch AdamW client optimizer and a warmup+cosine LambdaLR.
+
+    With `opt=None` the engine is inference-only. Activation checkpointing uses the HF model's own
+    gradient checkpointing. The first call in a fresh TORCH_EXTENSIONS_DIR compiles DeepSpeed's
+    shared-memory comm op (~1 min on CPU); the time is logged.
+    """
+    import deepspeed
+    import torch
+
+    init_distributed(ds.backend)
+    world = torch.distributed.get_world_size()
+    if ds.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    config = ds_config(ds, opt or OptimizerConfig(), world)
+    t0 = time.monotonic()
+    if opt is None:
+        config.pop("gradient_clipping", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, total_steps))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    log.info("deepspeed engine ready (ZeRO-%d, %s, world %d) in %.1fs", ds.zero_stage, ds.precision, world,
+             time.monotonic() - t0)
+    return engine
+
+
+def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
+    """The full (unsharded) state dict of the engine's module, on CPU, on every rank.
+
+    At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters`, a collective:
+    all ranks must call this together. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
+    """
+    import torch
+
+    module = engine.module if hasattr(engine, "module") else engine
+    out: dict[str, torch.Tensor] = {}
+
+    def grab() -> None:
+        for k, v in module.state_dict().items():
+            t = v.detach().to("cpu", copy=True)
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            grab()
+    else:
+        grab()
+    return out
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
