@@ -17,6 +17,8 @@ from llmray import stages
 from llmray.errors import UserError
 
 EXIT_USER_ERROR = 2
+# Flags with a name of their own: `llmray pipeline --from sft --until ppo`.
+FLAG_ALIASES = {"from": "from_stage", "until": "until_stage"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,26 +86,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _flags_to_overrides(unknown: list[str]) -> list[str]:
-    """`--from sft --keep-serving` -> `from=sft keep_serving=true`; anything else is an error."""
+    """`--from sft --keep-serving --model=/m` -> `from_stage=sft keep_serving=true model=/m`."""
     out, i = [], 0
     while i < len(unknown):
         tok = unknown[i]
         if not tok.startswith("--"):
-            if "=" in tok:
-                out.append(tok)
-                i += 1
-                continue
-            raise UserError(f"unexpected argument {tok!r}; overrides look like key.sub=value")
-        key = tok[2:].replace("-", "_")
-        if "=" in key:
-            out.append(key)
+            if "=" not in tok:
+                raise UserError(f"unexpected argument {tok!r}; overrides look like key.sub=value")
+            out.append(tok)
             i += 1
-        elif i + 1 < len(unknown) and not unknown[i + 1].startswith("--") and "=" not in unknown[i + 1]:
-            out.append(f"{key}={unknown[i + 1]}")
-            i += 2
+            continue
+        name, eq, value = tok[2:].partition("=")
+        key = FLAG_ALIASES.get(name, name.replace("-", "_"))
+        nxt = unknown[i + 1] if i + 1 < len(unknown) else None
+        if eq:
+            out.append(f"{key}={value}")
+        elif nxt is not None and not nxt.startswith("--") and "=" not in nxt:
+            out.append(f"{key}={nxt}")
+            i += 1
         else:
             out.append(f"{key}=true")
-            i += 1
+        i += 1
     return out
 
 

@@ -54,5 +54,5 @@ def test_corpus_stage_runs_and_skips_when_complete(tmp_path):
 def test_flags_become_overrides():
     from llmray.cli import _flags_to_overrides
 
-    assert _flags_to_overrides(["--from", "sft", "--keep-serving", "--model=/m"]) == [
-        "from=sft", "keep_serving=true", "model=/m"]
+    assert _flags_to_overrides(["--from", "sft", "--until=ppo", "--keep-serving", "--model=/m"]) == [
+        "from_stage=sft", "until_stage=ppo", "keep_serving=true", "model=/m"]

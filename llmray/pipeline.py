@@ -1,0 +1,305 @@
+"""The main job: corpus -> clean/dedup -> tokenizer -> pack -> pretrain -> SFT -> reward model -> RL
+-> quantize -> serve, one artifact per stage under one work directory, then a run report.
+
+Each stage is the same `run(cfg)` that `llmray <stage>` calls. The pipeline only wires paths: stage
+N reads stage N-1's artifact. A stage whose artifact is complete (its manifest exists) is skipped on
+a re-run; an interrupted one resumes (training stages from their newest complete checkpoint).
+Every stage's config section is validated before any work starts, so a bad key fails in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmray import artifacts
+from llmray import config as cfglib
+from llmray.cluster import RayConfig
+from llmray.config import ConfigError, check
+from llmray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# (stage name in llmray.stages, pipeline config section, output dir under workdir, artifact kind)
+STEPS: tuple[tuple[str, str, str, str], ...] = (
+    ("corpus", "corpus", "corpus", "corpus"),
+    ("clean-dedup", "clean_dedup", "clean", "dataset"),
+    ("tokenizer", "tokenizer", "tokenizer", "tokenizer"),
+    ("pack", "pack", "packed", "dataset"),
+    ("pretrain", "pretrain", "pretrain", "model"),
+    ("sft", "sft", "sft", "model"),
+    ("reward-model", "reward_model", "reward_model", "model"),
+    ("ppo", "rl", "rl", "model"),
+    ("quantize", "quantize", "quantized", "model"),
+    ("serve", "serve", "serve", ""),
+)
+STEP_NAMES = tuple(s[0] for s in STEPS)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workdir: str = "runs/default"
+    """Every artifact of the run lives under here, one directory per stage."""
+    corpus_path: str | None = None
+    """Your own corpus (JSONL/Parquet file, dir or glob with a `text` column) instead of the synthetic one."""
+    from_stage: str | None = None
+    """First stage to run (`--from`); earlier stages' artifacts must exist."""
+    until_stage: str | None = None
+    """Last stage to run (`--until`)."""
+    keep_serving: bool = False
+    """Leave the endpoint up after the demo requests (Ctrl-C stops it)."""
+    force: bool = False
+    """Redo stages even when their artifact is complete."""
+    demo_requests: int = 4
+    """Requests sent to the endpoint at the end; their answers are printed."""
+    eval_prompts: int = 200
+    heldout_documents: int = 64
+    ray: RayConfig = field(default_factory=RayConfig)
+    corpus: dict[str, Any] = field(default_factory=dict)
+    clean_dedup: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    pack: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    reward_model: dict[str, Any] = field(default_factory=dict)
+    rl: dict[str, Any] = field(default_factory=dict)
+    quantize: dict[str, Any] = field(default_factory=dict)
+    serve: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("from_stage", "until_stage"):
+            v = getattr(self, key)
+            check(v is None or v in STEP_NAMES, key, f"unknown stage {v!r}; stages: {', '.join(STEP_NAMES)}")
+        if self.from_stage and self.until_stage:
+            check(STEP_NAMES.index(self.from_stage) <= STEP_NAMES.index(self.until_stage), "until_stage",
+                  f"{self.until_stage} comes before from_stage {self.from_stage}")
+        check(self.demo_requests >= 0, "demo_requests", "must be >= 0")
+
+
+class Paths:
+    """Where each stage's artifact lives under the work directory."""
+
+    def __init__(self, workdir: str | Path):
+        self.root = Path(workdir)
+        for name, _, sub, _ in STEPS:
+            setattr(self, _attr(name), str(self.root / sub))
+        self.report = str(self.root / "report")
+
+    def of(self, stage: str) -> str:
+        return getattr(self, _attr(stage))
+
+
+def _attr(stage: str) -> str:
+    return stage.replace("-", "_")
+
+
+def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
+    """The keys of each stage's config that point at the previous stage's artifact."""
+    corpus_docs = cfg.corpus_path or f"{p.corpus}/docs"
+    return {
+        "corpus": {"output": p.corpus},
+        "clean-dedup": {"input": corpus_docs, "output": p.clean_dedup},
+        "tokenizer": {"corpus": f"{p.clean_dedup}/docs", "output": p.tokenizer},
+        "pack": {"input": f"{p.clean_dedup}/docs", "tokenizer": p.tokenizer, "output": p.pack},
+        "pretrain": {"data": p.pack, "tokenizer": p.tokenizer, "output": p.pretrain},
+        "sft": {"model": p.pretrain, "data": f"{p.corpus}/sft", "output": p.sft},
+        "reward-model": {"model": p.sft, "data": f"{p.corpus}/preference", "output": p.reward_model},
+        "ppo": {"model": p.sft, "reward_model": p.reward_model, "prompts": f"{p.corpus}/prompts",
+                "output": p.ppo},
+        "quantize": {"model": p.ppo, "output": p.quantize},
+        "serve": {"model": p.quantize},
+    }
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Build and validate every stage's typed config (errors name `section.key`)."""
+    from llmray import stages
+
+    p = Paths(cfg.workdir)
+    wired = wiring(cfg, p)
+    out = {}
+    for name, section, _, _ in STEPS:
+        if name == "corpus" and cfg.corpus_path:
+            continue
+        user = dict(getattr(cfg, section))
+        for k in wired[name]:
+            if k in user:
+                raise ConfigError(f"{section}.{k}: set by the pipeline (it wires stages together); remove it")
+        data = {**user, **wired[name]}
+        cls = stages.get(name).config_class()
+        if "ray" in {f for f in getattr(cls, "__dataclass_fields__", {})}:
+            data.setdefault("ray", cfglib.to_dict(cfg.ray))
+        out[name] = cfglib.build(cls, data, prefix=section)
+    return out
+
+
+def _selected(cfg: PipelineConfig) -> list[str]:
+    lo = STEP_NAMES.index(cfg.from_stage) if cfg.from_stage else 0
+    hi = STEP_NAMES.index(cfg.until_stage) if cfg.until_stage else len(STEP_NAMES) - 1
+    names = list(STEP_NAMES[lo : hi + 1])
+    if cfg.corpus_path and "corpus" in names:
+        names.remove("corpus")
+    return names
+
+
+def _check_inputs(cfg: PipelineConfig, first: str, p: Paths) -> None:
+    """Fail before any work when the corpus path or an artifact the first stage reads is missing."""
+    if cfg.corpus_path and "://" not in cfg.corpus_path and not any(c in cfg.corpus_path for c in "*?["):
+        if not Path(cfg.corpus_path).exists():
+            raise UserError(f"corpus_path does not exist: {cfg.corpus_path}")
+    for name, _, _, kind in STEPS[: STEP_NAMES.index(first)]:
+        if name == "corpus" and cfg.corpus_path:
+            continue
+        if kind and not artifacts.is_complete(p.of(name)):
+            raise UserError(f"--from {first}: the {name} artifact it needs is missing or incomplete: "
+                            f"{p.of(name)} (run without --from, or with --from {name})")
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run the selected span of stages; write the run report; print answers from the endpoint."""
+    from llmray import stages
+    from llmray.cluster import init_ray
+
+    p = Paths(cfg.workdir)
+    configs = stage_configs(cfg)  # fail on any bad key before work starts
+    names = _selected(cfg)
+    _check_inputs(cfg, names[0], p)
+    p.root.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray)
+    results: dict[str, dict] = _load_results(p)
+    timings: dict[str, float] = {}
+    total = len(names)
+    for i, name in enumerate(names, 1):
+        start = time.monotonic()
+        if name == "serve":
+            _banner(i, total, name, "starting")
+            results["serve"] = serve_and_ask(cfg, configs["serve"], p)
+        elif not cfg.force and artifacts.is_complete(p.of(name)):
+            _banner(i, total, name, "done already, skipped")
+            results.setdefault(name, {"skipped": True})
+            continue
+        else:
+            _banner(i, total, name, "running")
+            stage_cfg = configs[name]
+            if cfg.force:
+                stage_cfg = _with_force(stage_cfg)
+            results[name] = dict(stages.get(name).run_fn()(stage_cfg) or {})
+            results[name].update(_evaluate(cfg, name, p))
+        timings[name] = round(time.monotonic() - start, 1)
+        results[name]["elapsed_s"] = timings[name]
+        _save_results(p, results)
+        _banner(i, total, name, f"finished in {timings[name]:.0f}s")
+    from llmray.report.run_report import write_report
+
+    report = write_report(p, results)
+    _print_timings(timings)
+    return {"workdir": str(p.root), "report": str(report), "stage_seconds": timings,
+            "answers": results.get("serve", {}).get("answers", [])}
+
+
+def _with_force(stage_cfg):
+    fields = getattr(stage_cfg, "__dataclass_fields__", {})
+    return cfglib.replace(stage_cfg, force=True) if "force" in fields else stage_cfg
+
+
+def _evaluate(cfg: PipelineConfig, name: str, p: Paths) -> dict:
+    """Held-out perplexity and task accuracy for stages that produce a causal LM."""
+    if name not in ("pretrain", "sft", "ppo", "quantize"):
+        return {}
+    from llmray import evaluation
+
+    model_dir = p.of(name)
+    if name == "quantize" and not artifacts.is_complete(model_dir):
+        return {}
+    out: dict[str, Any] = {}
+    try:
+        out["heldout_ppl"] = round(evaluation.perplexity(model_dir, evaluation.heldout_documents(cfg.heldout_documents)), 3)
+        eval_rows = evaluation.read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)
+        if eval_rows:
+            acc = evaluation.task_accuracy(model_dir, eval_rows)
+            out["task_accuracy"] = round(acc["accuracy"], 4)
+            out["task_mean_reward"] = round(acc["mean_reward"], 4)
+            out["eval_examples"] = acc["examples"]
+    except Exception as e:  # noqa: BLE001 - a model transformers cannot load (e.g. quantized) is reported, not fatal
+        log.warning("evaluation of %s skipped: %s", name, e)
+        out["eval_error"] = str(e)[:300]
+    log.info("eval %s: %s", name, {k: v for k, v in out.items() if k != "eval_examples"})
+    return out
+
+
+def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
+    """Start the endpoint, send the demo requests with the official openai client, print answers."""
+    import statistics
+
+    from llmray.data import tasks
+    from llmray.evaluation import read_jsonl_dir
+    from llmray.serving.stage import start
+
+    if not artifacts.is_complete(serve_cfg.model):  # the quality gate refused the quantized model
+        log.warning("quantized model not published (gate); serving the RL model instead")
+        serve_cfg = cfglib.replace(serve_cfg, model=p.ppo)
+    handle = start(serve_cfg)
+    answers, latencies, tokens = [], [], 0
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=handle.url, api_key=handle.api_key or "none", timeout=120)
+        model_id = client.models.list().data[0].id
+        rows = read_jsonl_dir(f"{p.corpus}/eval", cfg.demo_requests) or [
+            tasks.prompt_record(tasks.make_task(__import__("random").Random(i))) for i in range(cfg.demo_requests)]
+        t0 = time.monotonic()
+        for row in rows[: cfg.demo_requests]:
+            s = time.monotonic()
+            r = client.chat.completions.create(model=model_id, messages=row["prompt"], max_tokens=16, temperature=0)
+            latencies.append(time.monotonic() - s)
+            tokens += r.usage.completion_tokens
+            text = r.choices[0].message.content
+            answers.append({"prompt": row["prompt"][-1]["content"], "answer": text,
+                            "correct": tasks.is_correct(row["answer"], text)})
+            print(f"  Q: {row['prompt'][-1]['content']}\n  A: {text}")
+        wall = time.monotonic() - t0
+        result = {"url": handle.url, "answers": answers,
+                  "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+                  "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None}
+        if cfg.keep_serving:
+            print(f"serving at {handle.url} (Ctrl-C to stop)")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return result
+    finally:
+        handle.shutdown()
+
+
+def _banner(i: int, n: int, name: str, what: str) -> None:
+    print(f"[{i}/{n}] {name}: {what}", flush=True)
+
+
+def _print_timings(timings: dict[str, float]) -> None:
+    print("\nTime per stage:")
+    for name, s in timings.items():
+        print(f"  {name:<14} {s:8.1f} s")
+    print(f"  {'total':<14} {sum(timings.values()):8.1f} s")
+
+
+def _load_results(p: Paths) -> dict:
+    import json
+
+    f = p.root / "results.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _save_results(p: Paths, results: dict) -> None:
+    import json
+    import os
+
+    f = p.root / "results.json"
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, f)
+
