@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from llmray.config import check
+from llmray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ WORKER_ENV = {
 }
 
 
+class ClusterError(UserError, RuntimeError):
+    """The cluster is unreachable, or lacks a resource a stage asks for. The message names it."""
+
+
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None
@@ -38,10 +43,13 @@ class RayConfig:
     """Extra environment variables for every worker."""
     resource_wait_s: float = 120.0
     """How long a stage waits for the resources it asks for before failing with the missing resource named."""
+    connect_timeout_s: float = 30.0
+    """How long joining `address` retries a TCP connect to it before failing (Ray itself would retry for minutes)."""
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", f"must be >= 1, got {self.num_cpus}")
         check(self.resource_wait_s > 0, "ray.resource_wait_s", "must be > 0")
+        check(self.connect_timeout_s > 0, "ray.connect_timeout_s", "must be > 0")
 
 
 def local_num_cpus() -> int:
@@ -86,10 +94,11 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
+        wait_reachable(address, cfg.connect_timeout_s)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **overrides)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RuntimeError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}") from None
+            raise ClusterError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}") from None
     else:
         _pin_local_node_to_loopback()
         kwargs = dict(
@@ -122,6 +131,40 @@ def _pin_local_node_to_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def split_address(address: str) -> tuple[str, int] | None:
+    """`ray://h:p`, `http://h:p`, `h:p` -> (h, p); None for `auto`/`local` or an address without a port."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or LOOPBACK, int(port)
+
+
+def wait_reachable(address: str, timeout_s: float) -> None:
+    """Retry a TCP connect to `address` for up to `timeout_s`, then fail naming it.
+
+    Ray's own connect loop retries an unreachable GCS for minutes with only warnings; this turns
+    a wrong or dead RAY_ADDRESS into one clear error within a bounded time."""
+    import socket
+    import time
+
+    hp = split_address(address)
+    if hp is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(hp, timeout=min(5.0, max(0.2, timeout_s))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"cannot reach the Ray cluster at {address!r} (RAY_ADDRESS / ray.address): {e} "
+                    f"after {timeout_s:g}s; is the head running and the port (e.g. a port-forward) open?"
+                ) from None
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
 def shutdown_ray() -> None:
     import ray
 
@@ -146,7 +189,7 @@ def require_resources(needed: dict[str, float], what: str, timeout_s: float) -> 
         if time.monotonic() >= deadline:
             have = ", ".join(f"{k}={total.get(k, 0):g}" for k in missing)
             want = ", ".join(f"{k}={v:g}" for k, v in missing.items())
-            raise RuntimeError(
+            raise ClusterError(
                 f"{what} needs {want} but the cluster has {have} after waiting {timeout_s:.0f}s; "
                 "add nodes with that resource or lower the request in the config"
             )
