@@ -1,0 +1,281 @@
+"""The per-worker training loop run by Ray Train: engine, exact data position, checkpoints, metrics, export.
+
+One loop serves every trainer; what differs (model, loss, export) is a `TrainTask`. Data arrives
+through `ray.train.get_dataset_shard("train")` as an ordered stream (`preserve_order`) that every
+worker reads; each global chunk of `micro_batch x workers` rows is cut by rank, so each worker trains
+on a disjoint slice and the global batch of step k is the same rows whatever happened before: the
+data position is one integer (micro-chunks consumed), saved in each checkpoint, and a resumed run
+skips exactly that many chunks. (Ray's `streaming_split` hands blocks to whichever worker asks
+first, which makes step k's batch depend on timing; exact resume needs a fixed assignment.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmray.train import checkpoint as ckpt
+from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class TrainTask:
+    """What a trainer trains: model, loss on a micro-batch, optional held-out eval, export."""
+
+    def build_model(self) -> "torch.nn.Module":
+        raise NotImplementedError
+
+    def loss(self, engine, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, float], int]:
+        """(mean loss to backprop, metric SUMS over the micro-batch incl. "count", tokens processed)."""
+        raise NotImplementedError
+
+    def evaluate(self, engine, rows: dict[str, "np.ndarray"]) -> dict[str, float]:
+        """Metric sums on this rank's slice of held-out rows (all-reduced by the loop)."""
+        return {}
+
+    def export(self, state_dict: dict[str, "torch.Tensor"], out_dir: Path) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LoopSpec:
+    """Everything the workers need (pickled once into train_loop_config)."""
+
+    task: TrainTask
+    ds: DeepSpeedConfig
+    opt: OptimizerConfig
+    max_steps: int
+    run_dir: str
+    num_rows: int
+    """Rows of the training stream per epoch."""
+    every_n_steps: int = 50
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto (newest complete checkpoint of run_dir, if any), never, or a checkpoint path."""
+    seed: int = 0
+    log_every: int = 1
+    flops_per_token: float = 0.0
+    """6·N for a causal LM (forward + backward); 0 disables FLOPs / MFU."""
+    peak_flops_per_worker: float = 1e12
+    expect_meta: dict[str, Any] = field(default_factory=dict)
+    eval_rows: dict[str, Any] | None = None
+    tensorboard: bool = True
+
+
+def _to_tensor(col: "np.ndarray") -> "torch.Tensor":
+    import numpy as np
+    import torch
+
+    if col.dtype == object:
+        col = np.stack([np.asarray(x) for x in col])
+    t = torch.from_numpy(np.ascontiguousarray(col))
+    return t.long() if t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8) else t
+
+
+def to_batch(rows: dict[str, "np.ndarray"]) -> dict[str, "torch.Tensor"]:
+    return {k: _to_tensor(v) for k, v in rows.items()}
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _allreduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (`TorchTrainer(train_loop_per_worker=train_loop)`)."""
+    import ray.train
+    import torch
+
+    from llmray.report.metrics import MetricsLogger
+    from llmray.train.engine import build_engine, gather_full_state_dict, setup_env
+
+    spec: LoopSpec = config["spec"]
+    setup_env()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = Path(spec.run_dir)
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    baseline_gb = rss_gb()
+
+    ckpt.set_rng_state(_seeded_rng(spec.seed + rank))
+    model = spec.task.build_model()
+    engine = build_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps)
+    root = run_dir / "checkpoints"
+    start = None if spec.resume == "never" else (Path(spec.resume) if spec.resume != "auto" else ckpt.find_latest(root))
+    step, consumed = 0, 0
+    if start is not None:
+        meta, rank_state = ckpt.load(engine, start, spec.expect_meta)
+        step, consumed = int(meta["step"]), int(meta["consumed_chunks"])
+        if "rng" in rank_state:
+            ckpt.set_rng_state(rank_state["rng"])
+        if rank == 0:
+            print(f"[llmray] resumed from {start} at step {step} ({consumed} micro-chunks consumed)", flush=True)
+
+    logger = None
+    if rank == 0:
+        logger = MetricsLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if spec.tensorboard else None)
+    micro, accum = spec.ds.micro_batch_size, spec.ds.grad_accum_steps
+    chunk = micro * world
+    chunks_per_epoch = spec.num_rows // chunk
+    if chunks_per_epoch < 1:
+        raise RuntimeError(f"dataset has {spec.num_rows} rows, fewer than one chunk of {chunk}")
+    shard = ray.train.get_dataset_shard("train")
+
+    last_saved = step if start is not None else -1
+    acc: dict[str, float] = {}
+    tokens = 0
+    checksum = 0
+    micro_i = 0
+    t_step = time.perf_counter()
+    engine.train()
+    while step < spec.max_steps:
+        skip = consumed % chunks_per_epoch
+        for ci, rows in enumerate(shard.iter_batches(batch_size=chunk, batch_format="numpy", drop_last=True,
+                                                       prefetch_batches=2)):
+            if ci < skip:
+                continue  # already trained on before the resume: read past, do not train
+            local = to_batch({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()})
+            if "input_ids" in local:
+                checksum += int(local["input_ids"].sum())
+            loss, sums, ntok = spec.task.loss(engine, local)
+            engine.backward(loss)
+            engine.step()
+            consumed += 1
+            micro_i += 1
+            tokens += ntok
+            for k, v in sums.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+            if micro_i % accum:
+                continue
+            step += 1
+            dt = time.perf_counter() - t_step
+            keys = sorted(acc)
+            red = _allreduce([acc[k] for k in keys] + [tokens, checksum])
+            peak = _allreduce([peak_rss_gb()], "max")[0]
+            tot = dict(zip(keys, red[: len(keys)]))
+            g_tokens = red[len(keys)]
+            count = max(tot.pop("count", 1.0), 1.0)
+            row = {f"train/{k}": v / count for k, v in tot.items()}
+            gn = engine.get_global_grad_norm()
+            row.update({
+                "lr": float(engine.get_lr()[0]),
+                "grad_norm": float(gn) if gn is not None else float("nan"),
+                "tokens_per_s": g_tokens / dt,
+                "step_time_s": dt,
+                "tokens": g_tokens,
+                "epoch": (consumed - 1) // chunks_per_epoch,
+                "batch_checksum": red[len(keys) + 1],
+                "memory/peak_rss_gb": peak,
+                "memory/rss_gb_rank0": rss_gb(),
+                "memory/baseline_gb": baseline_gb,
+            })
+            if spec.flops_per_token:
+                flops = spec.flops_per_token * g_tokens
+                row["flops"] = flops
+                row["mfu"] = flops / dt / (spec.peak_flops_per_worker * world)
+            if logger is not None:
+                logger.log(step, row)
+                if step % spec.log_every == 0 or step == spec.max_steps:
+                    print(f"[llmray] step {step}/{spec.max_steps} loss {row.get('train/loss', float('nan')):.4f} "
+                          f"lr {row['lr']:.2e} gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s",
+                          flush=True)
+            acc, tokens, checksum = {}, 0, 0
+            if step % spec.every_n_steps == 0 or step == spec.max_steps:
+                _save(engine, root, step, consumed, spec, row)
+                last_saved = step
+            t_step = time.perf_counter()
+            if step >= spec.max_steps:
+                break
+    if last_saved != step:
+        _save(engine, root, step, consumed, spec, {})
+
+    result: dict[str, Any] = {"step": step, "consumed_chunks": consumed}
+    if spec.eval_rows:
+        engine.eval()
+        ev = _evaluate(engine, spec, rank, world)
+        result.update(ev)
+        if logger is not None:
+            logger.log(step, ev)
+    state = gather_full_state_dict(engine, dtype=torch.float32)
+    if rank == 0:
+        out = run_dir / "export"
+        spec.task.export(state, out)
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        logger.close()
+    ray.train.report({"done": 1, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+
+
+def _seeded_rng(seed: int) -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return ckpt.rng_state()
+
+
+def _save(engine, root: Path, step: int, consumed: int, spec: LoopSpec, row: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.v2.api.report_config import CheckpointUploadMode
+
+    meta = {"consumed_chunks": consumed, **spec.expect_meta}
+    path = ckpt.save(engine, root, step, meta, {"rng": ckpt.rng_state()}, keep_last=spec.keep_last)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    metrics = {"step": step, **{k: v for k, v in row.items() if isinstance(v, (int, float))}}
+    # The checkpoint already sits in the run's storage: register it with Ray without copying.
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)) if rank == 0 else None,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _evaluate(engine, spec: LoopSpec, rank: int, world: int) -> dict[str, float]:
+    import torch
+
+    rows = spec.eval_rows or {}
+    # The driver cuts eval rows to a multiple of the worker count, so every rank runs the same number
+    # of forward passes (each one is a collective at ZeRO-3).
+    n = len(next(iter(rows.values())))
+    sums: dict[str, float] = {}
+    mine = list(range(rank, n, world))
+    with torch.no_grad():
+        for i in range(0, len(mine), spec.ds.micro_batch_size):
+            idx = mine[i:i + spec.ds.micro_batch_size]
+            part = {k: v[idx] for k, v in rows.items()}
+            for k, v in spec.task.evaluate(engine, part).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    keys = sorted(set(sums) | {"count"})
+    red = dict(zip(keys, _allreduce([sums.get(k, 0.0) for k in keys])))
+    count = max(red.pop("count", 1.0), 1.0)
+    return {f"eval/{k}": v / count for k, v in red.items()}

@@ -1,0 +1,250 @@
+"""Driver side of every trainer: shared config sections, pre-launch checks, TorchTrainer launch, artifact publish.
+
+`TrainRunConfig` is the base of the pretrain / SFT / reward-model / DPO configs: DeepSpeed and
+optimizer settings, Ray Train scaling, checkpointing, fault tolerance, metrics. `launch(...)` starts
+a `TorchTrainer` (ScalingConfig and FailureConfig from the config, storage = the run directory, the
+training rows as one ordered Ray Dataset) running `loop.train_loop`, then publishes the exported HF
+directory as a `model` artifact with the run's metrics and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmray.cluster import RayConfig
+from llmray.config import check
+from llmray.errors import UserError
+from llmray.train import checkpoint as ckpt
+from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from llmray.train.loop import LoopSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; false = CPU workers on gloo."""
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    """torch intra-op threads per worker (OMP_NUM_THREADS); workers x threads <= cores avoids oversubscription."""
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+        check(self.threads_per_worker >= 1, "scaling.threads_per_worker", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 50
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; an older one is deleted only after a newer one is complete."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in run_dir if any; never = start fresh; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        check(self.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1")
+        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    run_dir: str = "runs/train"
+    """Checkpoints, metrics.jsonl, tensorboard/, loss.png, export/. Same run_dir = same run (resumes)."""
+    output: str = "artifacts/model"
+    """Where the trained model artifact (HF directory + manifest.json) is published."""
+    max_steps: int = 100
+    """Optimizer steps (the data stream repeats in epochs if it is shorter)."""
+    seed: int = 0
+    log_every: int = 10
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    peak_flops_per_worker: float = 1.0e12
+    """Peak FLOP/s of one worker, for MFU (e.g. 312e12 for an A100 in bf16; ~1e12 for 2 AVX-512 cores)."""
+    memory_budget_gb: float | None = None
+    """Refuse to start when the estimated memory per worker exceeds this; default: RAM / workers on CPU, device memory on GPU."""
+    max_failures: int = 1
+    """Worker-group restarts Ray Train may do (each resumes from the newest complete checkpoint)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.peak_flops_per_worker > 0, "peak_flops_per_worker", "must be > 0")
+        check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        check(self.memory_budget_gb is None or self.memory_budget_gb > 0, "memory_budget_gb", "must be > 0")
+        check(self.deepspeed.backend != "nccl" or self.scaling.use_gpu, "deepspeed.backend",
+              "nccl needs scaling.use_gpu=true")
+
+
+def default_budget_gb(cfg: TrainRunConfig) -> float:
+    if cfg.scaling.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 1024**3
+        return 80.0
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return total / cfg.scaling.num_workers
+
+
+def check_memory(cfg: TrainRunConfig, shape, seq_len: int, trainable: int | None = None, copies: int = 1):
+    """Print the estimate and refuse to start if it exceeds the budget (UserError naming the setting)."""
+    from llmray.train import memory
+
+    est = memory.estimate(shape, cfg.deepspeed, seq_len, cfg.scaling.num_workers, trainable,
+                          on_gpu=cfg.scaling.use_gpu, copies=copies)
+    budget = cfg.memory_budget_gb or default_budget_gb(cfg)
+    print(f"[llmray] memory estimate: {est.summary()} (budget {budget:.1f} GB)", flush=True)
+    memory.check_budget(est, budget, cfg.deepspeed, cfg.scaling.num_workers)
+    return est
+
+
+def check_resume(cfg: TrainRunConfig, expect: dict[str, Any]) -> Path | None:
+    """Which checkpoint the run will start from; a mismatched model shape fails here, before launch."""
+    res = cfg.checkpoint.resume
+    if res == "never":
+        return None
+    if res == "auto":
+        path = ckpt.find_latest(Path(cfg.run_dir) / "checkpoints")
+    else:
+        path = Path(res)
+        if not path.exists():
+            raise UserError(f"checkpoint.resume: {path} does not exist")
+        if not ckpt.is_complete(path):
+            raise UserError(f"checkpoint.resume: {path} is incomplete (no {ckpt.MARKER}; cut off mid-save)")
+    if path is None:
+        return None
+    meta = ckpt.read_meta(path)
+    for key, want in expect.items():
+        if key in meta and meta[key] != want:
+            raise UserError(f"checkpoint {path}: {key} {meta[key]!r} differs from this run's {want!r}; "
+                            "a checkpoint of a different model cannot be resumed (set checkpoint.resume=never "
+                            "or a new run_dir)")
+    if meta.get("world_size", cfg.scaling.num_workers) != cfg.scaling.num_workers:
+        raise UserError(f"checkpoint {path} was written by {meta['world_size']} workers; "
+                        f"scaling.num_workers is {cfg.scaling.num_workers}")
+    if int(meta.get("step", 0)) > cfg.max_steps:
+        raise UserError(f"checkpoint {path} is at step {meta['step']}, beyond max_steps={cfg.max_steps}")
+    return path
+
+
+def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", name: str) -> dict[str, Any]:
+    """Run `spec` on a TorchTrainer over `dataset`; return the worker's result.json plus timing."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llmray.cluster import init_ray, require_resources
+
+    init_ray(cfg.ray)
+    sc = cfg.scaling
+    need = {"CPU": sc.cpus_per_worker * sc.num_workers}
+    if sc.use_gpu:
+        need["GPU"] = float(sc.num_workers)
+    require_resources(need, f"{name} ({sc.num_workers} workers)", cfg.ray.resource_wait_s)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
+    env = {"OMP_NUM_THREADS": str(sc.threads_per_worker), "DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))}
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_entry,
+        train_loop_config={"spec": spec, "env": env},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=RayScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                  resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Retention is ours (keep_last, only after the newer checkpoint is complete).
+            checkpoint_config=RayCheckpointConfig(num_to_keep=None),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    t0 = time.monotonic()
+    trainer.fit()
+    wall = time.monotonic() - t0
+    res_file = run_dir / "result.json"
+    if not res_file.is_file():
+        raise RuntimeError(f"{name}: training ended without a result (see the worker logs above)")
+    result = json.loads(res_file.read_text())
+    result["wall_time_s"] = round(wall, 2)
+    return result
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    os.environ.update(config.get("env", {}))
+    from llmray.train.loop import train_loop
+
+    train_loop(config)
+
+
+def ordered_parquet(paths: list[str], columns: list[str]) -> "ray.data.Dataset":
+    """A Ray Dataset over parquet files whose row order is the files' order (for exact resume)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    return ray.data.read_parquet(paths, shuffle=None).select_columns(columns)
+
+
+def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str, Any],
+           inputs: list[str], extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loss PNG, then publish run_dir/export as the `model` artifact at cfg.output."""
+    import shutil
+
+    from llmray import artifacts
+    from llmray.report.metrics import read_metrics, series
+    from llmray.report.plots import plot_curves
+
+    run_dir = Path(cfg.run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last: dict[int, dict] = {}
+    for r in rows:  # after a restart, the replayed steps' last rows win
+        last[r["step"]] = {**last.get(r["step"], {}), **r}
+    rows = [last[s] for s in sorted(last)]
+    curves = {k: series(rows, k) for k in ("train/loss", "eval/loss") if series(rows, k)}
+    if curves:
+        plot_curves(curves, run_dir / "loss.png", f"{stage} loss")
+    train_rows = [r for r in rows if "tokens_per_s" in r]
+    metrics = dict(result)
+    if train_rows:
+        first, final = train_rows[0], train_rows[-1]
+        metrics.update({
+            "first_loss": first.get("train/loss"), "final_loss": final.get("train/loss"),
+            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train_rows[1:] or train_rows) / max(1, len(train_rows[1:] or train_rows)),
+            "peak_rss_gb": max(r.get("memory/peak_rss_gb", 0.0) for r in train_rows),
+        })
+    metrics.update(extra_metrics or {})
+    export = run_dir / "export"
+    usable_inputs = [p for p in inputs if artifacts.is_complete(p)]
+    with artifacts.publish(cfg.output) as tmp:
+        for f in export.iterdir():
+            shutil.copy2(f, tmp / f.name)
+        artifacts.write_manifest(tmp, "model", f"llmray.{stage}", config_dict, metrics, usable_inputs)
+    out = {"output": cfg.output, "run_dir": str(run_dir), **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+    return out
