@@ -1,0 +1,1 @@
+"""Deduplication: exact hashes, MinHash signatures, LSH band keys, Ray shuffle and connected components."""

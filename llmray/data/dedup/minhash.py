@@ -1,0 +1,158 @@
+"""Vectorised MinHash over word n-gram shingles, bit-identical to datasketch's `affine32` scheme.
+
+A batch of documents becomes one flat array of shingle hashes (no Python loop per shingle), the
+permutations `a*h + b mod 2^32` run as one (shingles x perms) uint32 product per slice of the
+batch, and `np.minimum.reduceat` takes each document's minimum. Given the same 32-bit shingle
+hash as its `hashfunc`, `datasketch.MinHash(num_perm, seed)` yields the same hash values (tested).
+Band keys fold each band's `rows` values into one uint64 so LSH buckets can be shuffled by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_MAX32 = np.uint32(0xFFFFFFFF)
+# Elements of one (shingles x perms) product: bounds a task's scratch memory (~64 MB of uint32).
+_SLICE_ELEMENTS = 16_000_000
+
+
+def words(text: str) -> list[str]:
+    """Shingling tokens: lower-cased whitespace-separated words."""
+    return text.lower().split()
+
+
+def word_hash(word: str) -> int:
+    return zlib.crc32(word.encode("utf-8"))
+
+
+def shingle_hash_py(tokens: Sequence[str]) -> int:
+    """Reference (slow) 32-bit hash of one shingle; the vectorised path must agree with it."""
+    h = int(_FNV_OFFSET)
+    for t in tokens:
+        h = ((h ^ word_hash(t)) * int(_FNV_PRIME)) & 0xFFFFFFFFFFFFFFFF
+    return ((h >> 32) ^ h) & 0xFFFFFFFF
+
+
+def shingle_hash_of_bytes(data: bytes) -> int:
+    """`hashfunc` for datasketch: shingle bytes are the n words joined by one space."""
+    return shingle_hash_py(data.decode("utf-8").split(" "))
+
+
+def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of datasketch's affine32 scheme for `MinHash(num_perm, seed)`: a odd, both uint32."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch pre-mixes every input hash with it)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def shingle_hashes(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat uint32 shingle hashes of a batch and `starts` (n_docs + 1 offsets into them).
+
+    A document with fewer than `ngram` words has one shingle (all its words); an empty document
+    has none. Shingles never straddle two documents.
+    """
+    toks = [words(t) for t in texts]
+    counts = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+    flat = [w for t in toks for w in t]
+    cache = {w: word_hash(w) for w in set(flat)}
+    wh = np.fromiter((cache[w] for w in flat), dtype=np.uint64, count=len(flat))
+    ends = np.cumsum(counts)
+    begins = ends - counts
+    n_sh = np.where(counts >= ngram, counts - ngram + 1, np.minimum(counts, 1))
+    starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(n_sh, out=starts[1:])
+    with np.errstate(over="ignore"):
+        # Hash of the n-gram starting at every word position of the flat array (straddling
+        # ones are computed and then not selected).
+        m = max(0, len(wh) - ngram + 1)
+        h = np.full(m, _FNV_OFFSET, dtype=np.uint64)
+        for j in range(ngram):
+            h = (h ^ wh[j : j + m]) * _FNV_PRIME
+        full = ((h >> np.uint64(32)) ^ h) & np.uint64(0xFFFFFFFF)
+    out = np.empty(int(starts[-1]), dtype=np.uint32)
+    long_docs = np.nonzero(counts >= ngram)[0]
+    if len(long_docs):
+        lens = n_sh[long_docs]
+        src = np.repeat(begins[long_docs], lens) + _ragged_arange(lens)
+        dst = np.repeat(starts[long_docs], lens) + _ragged_arange(lens)
+        out[dst] = full[src]
+    for d in np.nonzero((counts > 0) & (counts < ngram))[0]:
+        out[starts[d]] = shingle_hash_py(toks[d])
+    return out, starts
+
+
+def _ragged_arange(lens: np.ndarray) -> np.ndarray:
+    """[0..l0-1, 0..l1-1, ...] for lengths `lens`."""
+    total = int(lens.sum())
+    offs = np.repeat(np.cumsum(lens) - lens, lens)
+    return np.arange(total, dtype=np.int64) - offs
+
+
+def signatures(shingles: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n_docs, num_perm) uint32 MinHash values; an empty document gets all 0xFFFFFFFF."""
+    n_docs, num_perm = len(starts) - 1, len(a)
+    sig = np.full((n_docs, num_perm), _MAX32, dtype=np.uint32)
+    hv = fmix32(shingles.astype(np.uint32, copy=False))
+    per_slice = max(1, _SLICE_ELEMENTS // max(1, num_perm))
+    d0 = 0
+    while d0 < n_docs:
+        # Take whole documents until the slice holds about `per_slice` shingles.
+        d1 = int(np.searchsorted(starts, starts[d0] + per_slice, side="right")) - 1
+        d1 = min(max(d1, d0 + 1), n_docs)
+        s0, s1 = int(starts[d0]), int(starts[d1])
+        if s1 > s0:
+            phv = hv[s0:s1, None] * a[None, :] + b[None, :]  # uint32 wraparound = mod 2^32
+            local = starts[d0:d1] - s0
+            nonempty = starts[d0 + 1 : d1 + 1] > starts[d0:d1]
+            mins = np.minimum.reduceat(phv, local[nonempty], axis=0)
+            sig[d0:d1][nonempty] = mins
+        d0 = d1
+    return sig
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n_docs, bands) uint64 keys; two documents share key k of band i iff their rows agree
+    (up to 64-bit collisions). The band index is mixed in so bands never share buckets."""
+    n = sig.shape[0]
+    v = sig[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.broadcast_to((np.arange(bands, dtype=np.uint64) + np.uint64(1)) * _FNV_PRIME, (n, bands)).copy()
+        h ^= _FNV_OFFSET
+        for j in range(rows):
+            h = (h ^ v[:, :, j]) * _FNV_PRIME
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def exact_hash(text: str) -> int:
+    """64-bit hash of the text with case and whitespace normalised (exact dedup key)."""
+    norm = " ".join(text.lower().split()).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + false negatives at `threshold` (datasketch's
+    optimiser, weights 0.5/0.5)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    return float(np.mean(sig_a == sig_b))

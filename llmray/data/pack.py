@@ -1,0 +1,184 @@
+"""Stage `pack`: tokenize documents and pack them into fixed-length training sequences.
+
+Documents are tokenized (no special tokens added), each followed by EOS, concatenated, and cut
+into rows of exactly `seq_len` tokens; the tail of each input file that does not fill a row is
+dropped and counted. With `reset_position_ids`, a `position_ids` column restarts at 0 at the start
+of every row and after every EOS, so attention/positions can be reset at document boundaries.
+One Ray Data task per input file writes `shards/part-i.parquet`; shard i packs input file i in
+order, so the output does not depend on parallelism. Shards + manifest follow the packed-dataset
+contract read by pretraining (`input_ids: list<int32>`, labels = inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmray.cluster import RayConfig
+from llmray.config import check, to_dict
+from llmray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    input: str = "artifacts/clean"
+    """A clean-dedup dataset artifact (its `docs/` is read), or any JSONL/Parquet path, glob or URI."""
+    tokenizer: str = "artifacts/tokenizer"
+    output: str = "artifacts/packed"
+    text_column: str = "text"
+    seq_len: int = 512
+    reset_position_ids: bool = False
+    """Write `position_ids` that restart after every EOS (document boundary)."""
+    tokenize_batch: int = 1000
+    """Documents per tokenizer call."""
+    max_errors: int = 100
+    """Bad input records tolerated before the stage fails writing nothing."""
+    num_cpus_per_task: float = 1.0
+    force: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        check(self.tokenize_batch >= 1, "tokenize_batch", "must be >= 1")
+        check(self.max_errors >= 0, "max_errors", "must be >= 0")
+        check(self.num_cpus_per_task > 0, "num_cpus_per_task", "must be > 0")
+
+
+def pack_tokens(buffer: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (n, seq_len), remainder) from a flat token buffer."""
+    n = len(buffer) // seq_len
+    return buffer[: n * seq_len].reshape(n, seq_len), buffer[n * seq_len :]
+
+
+def position_ids(rows: np.ndarray, eos_id: int) -> np.ndarray:
+    """Per row: 0, 1, 2, ... restarting at the token after each EOS (and at the row start)."""
+    n, s = rows.shape
+    idx = np.broadcast_to(np.arange(s), (n, s))
+    # Index of the first token of the current document: last EOS position + 1, carried forward.
+    starts = np.where(np.concatenate([np.zeros((n, 1), bool), rows[:, :-1] == eos_id], axis=1), idx, 0)
+    starts = np.maximum.accumulate(starts, axis=1)
+    return (idx - starts).astype(np.int32)
+
+
+def _list_column(rows: np.ndarray):
+    import pyarrow as pa
+
+    n, s = rows.shape
+    offsets = pa.array(np.arange(0, (n + 1) * s, s, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1).astype(np.int32), pa.int32()))
+
+
+def pack_file(idx: int, uri: str, cfg: PackConfig, out_dir: str) -> dict:
+    """Tokenize and pack one input file into `out_dir/part-idx.parquet`; return its counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmray.data.readers import ReadErrors, read_chunks
+    from llmray.models.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.tokenizer)
+    eos = tok.eos_token_id
+    errors = ReadErrors()
+    buf = np.zeros(0, dtype=np.int64)
+    rows_out: list[np.ndarray] = []
+    docs = tokens = 0
+    for batch in read_chunks(uri, cfg.text_column, "id", (), cfg.tokenize_batch, errors):
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        docs += len(ids)
+        flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+        tokens += len(flat)
+        rows, buf = pack_tokens(np.concatenate([buf, flat]), cfg.seq_len)
+        if len(rows):
+            rows_out.append(rows)
+    rows = np.concatenate(rows_out) if rows_out else np.zeros((0, cfg.seq_len), dtype=np.int64)
+    cols = {"input_ids": _list_column(rows)}
+    if cfg.reset_position_ids:
+        cols["position_ids"] = _list_column(position_ids(rows, eos))
+    out = Path(out_dir) / f"part-{idx:05d}.parquet"
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    pq.write_table(pa.table(cols), tmp)
+    os.replace(tmp, out)
+    return {"idx": idx, "documents": docs, "tokens_in": tokens, "sequences": len(rows),
+            "dropped_tokens": len(buf), "errors": json.dumps(errors.items), "seconds": time.perf_counter() - t0}
+
+
+def _input_files(path: str) -> list[str]:
+    from llmray.data.readers import resolve_files
+
+    p = Path(path)
+    if (p / "docs").is_dir():
+        return resolve_files(str(p / "docs"))
+    return resolve_files(path)
+
+
+def run(cfg: PackConfig) -> dict:
+    """Stage `pack`: publish a packed `dataset` artifact (`shards/part-*.parquet` + manifest)."""
+    import ray
+
+    from llmray import artifacts
+    from llmray.cluster import init_ray
+    from llmray.models.tokenizer import load_tokenizer
+
+    if artifacts.is_complete(cfg.output, "dataset") and not cfg.force:
+        log.info("pack: %s is complete; skipping (force=true to rebuild)", cfg.output)
+        return {"skipped": True, "output": cfg.output}
+    if not Path(cfg.tokenizer).is_dir():
+        raise UserError(f"tokenizer not found: {cfg.tokenizer}")
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad dir
+        raise UserError(f"tokenizer {cfg.tokenizer} is unreadable: {e}") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {cfg.tokenizer} has no EOS token")
+    files = _input_files(cfg.input)
+    init_ray(cfg.ray)
+    t0 = time.monotonic()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    with artifacts.publish(cfg.output) as tmp:
+        shards = tmp / "shards"
+        shards.mkdir()
+        items = [{"idx": i, "uri": f} for i, f in enumerate(files)]
+        res = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map(lambda r: pack_file(r["idx"], r["uri"], cfg, str(shards)), num_cpus=cfg.num_cpus_per_task,
+                    max_retries=3)
+               .take_all())
+        res.sort(key=lambda r: r["idx"])
+        errors = [e for r in res for e in json.loads(r["errors"])]
+        if len(errors) > cfg.max_errors:
+            raise UserError(f"{len(errors)} bad input records exceed max_errors={cfg.max_errors}; nothing was "
+                            f"published. First: {errors[0]['file']} {errors[0]['where']}: {errors[0]['error']}")
+        n_seq = sum(r["sequences"] for r in res)
+        if n_seq == 0:
+            raise UserError(f"input {cfg.input} yields no full sequence of seq_len={cfg.seq_len} tokens "
+                            f"({sum(r['tokens_in'] for r in res)} tokens in); lower seq_len or add data")
+        elapsed = time.monotonic() - t0
+        metrics = {
+            "seq_len": cfg.seq_len,
+            "num_sequences": n_seq,
+            "num_tokens": n_seq * cfg.seq_len,
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "documents": sum(r["documents"] for r in res),
+            "dropped_tokens": sum(r["dropped_tokens"] for r in res),
+            "position_ids": cfg.reset_position_ids,
+            "shards": [f"shards/part-{r['idx']:05d}.parquet" for r in res],
+            "errors": len(errors),
+            "tokens_per_s": round(sum(r["tokens_in"] for r in res) / max(elapsed, 1e-9), 1),
+        }
+        inputs = [cfg.tokenizer] if artifacts.is_complete(cfg.tokenizer) else []
+        if artifacts.is_complete(cfg.input):
+            inputs.append(cfg.input)
+        artifacts.write_manifest(tmp, "dataset", "llmray.data.pack", to_dict(cfg), metrics, inputs)
+    log.info("pack: %d sequences x %d tokens from %d documents", n_seq, cfg.seq_len, metrics["documents"])
+    return {"output": cfg.output, **{k: v for k, v in metrics.items() if k != "shards"}}

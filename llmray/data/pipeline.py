@@ -1,0 +1,267 @@
+"""Stage `clean-dedup`: read -> clean -> exact + MinHash-LSH dedup -> Parquet, on Ray.
+
+The plan has three phases, each resumable from a work directory beside the output:
+1. sign (Ray Data, one task per input file, streaming in `read.chunk_rows` chunks): read, run the
+   cleaning steps, compute the exact hash and LSH band keys, stage the rows as Parquet. A file
+   whose staged part is complete is not redone after a crash.
+2. graph (Ray tasks, `dedup.graph`): hash-partitioned key shuffle, buckets, connected components.
+3. write (Ray Data, one task per staged part): drop removed ids, write `docs/part-*.parquet`
+   into a temporary artifact that is published atomically with `report.json` and the manifest.
+Output file i holds the survivors of input file i in input order, so the output is the same at
+any parallelism or partition count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from llmray.config import to_dict
+from llmray.data.config import CleanConfig, CleanDedupConfig
+from llmray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STEP_ORDER = ("read", "normalize", "html", "length", "gopher_quality", "c4", "gopher_repetition", "fineweb", "pii")
+
+
+def build_steps(cfg: CleanConfig) -> list:
+    """Cleaning steps, cheap first: normalisers, length, then the heavier quality filters."""
+    from llmray.data import filters as f
+
+    if not cfg.enabled:
+        return []
+    kw = lambda section: {k: v for k, v in to_dict(section).items() if k != "enabled"}  # noqa: E731
+    steps: list = []
+    if cfg.normalize:
+        steps.append(f.Normalize())
+    if cfg.html:
+        steps.append(f.HtmlStrip())
+    steps.append(f.LengthFilter(cfg.min_chars, cfg.max_chars))
+    if cfg.gopher_quality.enabled:
+        steps.append(f.GopherQualityFilter(**kw(cfg.gopher_quality)))
+    if cfg.c4.enabled:
+        steps.append(f.C4Filter(**kw(cfg.c4)))
+    if cfg.gopher_repetition.enabled:
+        steps.append(f.GopherRepetitionFilter(**kw(cfg.gopher_repetition)))
+    if cfg.fineweb.enabled:
+        steps.append(f.FineWebFilter(**kw(cfg.fineweb)))
+    if cfg.pii:
+        steps.append(f.PiiRedact())
+    return steps
+
+
+def staged_schema(cfg: CleanDedupConfig, bands: int):
+    import pyarrow as pa
+
+    fields = [("id", pa.string()), ("text", pa.string())] + [(c, pa.string()) for c in cfg.read.keep_columns]
+    fields += [("_exact", pa.uint64()), ("_bands", pa.list_(pa.uint64(), bands))]
+    return pa.schema(fields)
+
+
+def sign_file(idx: int, uri: str, cfg: CleanDedupConfig, stage_dir: str) -> dict:
+    """Phase 1 for one input file: read in chunks, clean, hash, sign; stage as Parquet.
+    Writes `part-i.parquet` then `part-i.json` (the stats, and the part's completion marker)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmray.data.dedup import minhash as mh
+    from llmray.data.filters import run_steps
+    from llmray.data.readers import ReadErrors, read_chunks
+
+    steps = build_steps(cfg.clean)
+    bands, rows = cfg.dedup.band_shape()
+    a, b = mh.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
+    schema = staged_schema(cfg, bands)
+    errors = ReadErrors()
+    counts: Counter = Counter()
+    secs: Counter = Counter()
+    out = Path(stage_dir) / f"part-{idx:05d}.parquet"
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    writer = pq.ParquetWriter(tmp, schema)
+    try:
+        t = time.perf_counter()
+        for batch in read_chunks(uri, cfg.read.text_column, cfg.read.id_column, tuple(cfg.read.keep_columns),
+                                 cfg.read.chunk_rows, errors):
+            n = len(batch["id"])
+            counts["read/out"] += n
+            secs["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            batch, c = run_steps(steps, batch)
+            counts.update(c)
+            secs["clean"] += time.perf_counter() - t
+            t = time.perf_counter()
+            texts = batch["text"]
+            exact = np.fromiter((mh.exact_hash(x) for x in texts), dtype=np.uint64, count=len(texts))
+            if cfg.dedup.minhash:
+                sh, starts = mh.shingle_hashes(texts, cfg.dedup.ngram)
+                keys = mh.band_keys(mh.signatures(sh, starts, a, b), bands, rows)
+            else:
+                keys = np.zeros((len(texts), bands), dtype=np.uint64)
+            secs["minhash"] += time.perf_counter() - t
+            t = time.perf_counter()
+            cols = {k: batch[k] for k in ["id", "text", *cfg.read.keep_columns]}
+            cols["_exact"] = exact
+            cols["_bands"] = pa.FixedSizeListArray.from_arrays(pa.array(keys.reshape(-1), pa.uint64()), bands)
+            writer.write_table(pa.table(cols, schema=schema))
+            counts["clean/out"] += len(texts)
+            secs["write"] += time.perf_counter() - t
+            t = time.perf_counter()
+        secs["read"] += time.perf_counter() - t
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp, out)
+    stats = {"idx": idx, "file": uri, "counts": dict(counts), "seconds": {k: round(v, 4) for k, v in secs.items()},
+             "errors": errors.items}
+    marker = out.with_suffix(".json")
+    mtmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}")
+    mtmp.write_text(json.dumps(stats))
+    os.replace(mtmp, marker)
+    return stats
+
+
+def write_survivors(idx: int, staged: str, removed_dir: str, out_dir: str, columns: list[str]) -> dict:
+    """Phase 3 for one staged part: keep rows whose id was not removed, in order."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = time.perf_counter()
+    removed = [pq.read_table(p, columns=["id"]).column("id") for p in sorted(Path(removed_dir).glob("part-*.parquet"))]
+    table = pq.read_table(staged, columns=columns)
+    n_in = table.num_rows
+    for ids in removed:
+        if len(ids):
+            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=ids.combine_chunks())))
+    pq.write_table(table, Path(out_dir) / f"part-{idx:05d}.parquet")
+    return {"idx": idx, "rows_in": n_in, "rows_out": table.num_rows, "seconds": time.perf_counter() - t}
+
+
+def _ray_map(items: list[dict], fn, cfg: CleanDedupConfig, name: str) -> list[dict]:
+    """Run `fn(row)` for each item as a Ray Data task (progress bar on); return the result rows."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    kwargs = {"num_cpus": cfg.num_cpus_per_task, "max_retries": 3}
+    if cfg.max_tasks_in_flight:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.max_tasks_in_flight)
+    return ds.map(fn, **kwargs).take_all()
+
+
+def _work_dir(cfg: CleanDedupConfig, files: list[str]) -> Path:
+    """The resumable work directory; wiped when the input files or output-affecting config change."""
+    out = Path(cfg.output)
+    work = out.parent / f".{out.name}.work"
+    d = to_dict(cfg)
+    fingerprint = {"files": files, "input": d["input"], "read": d["read"], "clean": d["clean"],
+                   "dedup": {k: v for k, v in d["dedup"].items() if k != "num_partitions"}}
+    fp_path = work / "fingerprint.json"
+    if work.exists():
+        try:
+            same = json.loads(fp_path.read_text()) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("clean-dedup: inputs or config changed; discarding %s", work)
+            shutil.rmtree(work)
+        else:
+            log.info("clean-dedup: resuming from %s", work)
+    (work / "staged").mkdir(parents=True, exist_ok=True)
+    fp_path.write_text(json.dumps(fingerprint))
+    return work
+
+
+def run(cfg: CleanDedupConfig) -> dict:
+    """Stage `clean-dedup`: publish a `dataset` artifact of clean, deduplicated documents."""
+    from llmray import artifacts
+    from llmray.cluster import init_ray
+    from llmray.data import report as rep
+    from llmray.data.readers import check_text_column, resolve_files
+
+    if artifacts.is_complete(cfg.output, "dataset") and not cfg.force:
+        log.info("clean-dedup: %s is complete; skipping (force=true to rebuild)", cfg.output)
+        return {"skipped": True, "output": cfg.output}
+    files = resolve_files(cfg.input)
+    check_text_column(files, cfg.read.text_column)
+    work = _work_dir(cfg, files)
+    init_ray(cfg.ray)
+    t0 = time.monotonic()
+
+    # Phase 1: sign (skips parts a previous run completed).
+    stage = work / "staged"
+    done = {int(p.stem.split("-")[1]) for p in stage.glob("part-*.json")}
+    todo = [{"idx": i, "uri": f} for i, f in enumerate(files) if i not in done]
+    log.info("clean-dedup: %d input files (%d already staged)", len(files), len(done))
+    if todo:
+        _ray_map(todo, lambda r: {"idx": r["idx"], "ok": bool(sign_file(r["idx"], r["uri"], cfg, str(stage)))}, cfg, "sign")
+    per_file = [json.loads((stage / f"part-{i:05d}.json").read_text()) for i in range(len(files))]
+    t_sign = time.monotonic() - t0
+    errors = [e for s in per_file for e in s["errors"]]
+    if len(errors) > cfg.read.max_errors:
+        first = "; ".join(f"{e['file']} {e['where']}: {e['error']}" for e in errors[:3])
+        raise UserError(f"{len(errors)} bad input records exceed read.max_errors={cfg.read.max_errors}; "
+                        f"nothing was published. First: {first}")
+    counts: Counter = Counter()
+    secs: Counter = Counter()
+    for s in per_file:
+        counts.update(s["counts"])
+        secs.update(s["seconds"])
+    if counts["read/out"] == 0:
+        raise UserError(f"input {cfg.input!r} holds no documents with a string {cfg.read.text_column!r} "
+                        f"({len(errors)} bad records)")
+
+    # Phase 2: duplicate graph.
+    from llmray.data.dedup.distributed import find_duplicates
+
+    t1 = time.monotonic()
+    removed_dir = work / "removed"
+    marker = removed_dir / "_stats.json"
+    if marker.is_file():
+        dedup_stats = json.loads(marker.read_text())
+    else:
+        shutil.rmtree(removed_dir, ignore_errors=True)
+        staged = [str(stage / f"part-{i:05d}.parquet") for i in range(len(files))]
+        use_near = cfg.dedup.minhash
+        if cfg.dedup.exact or use_near:
+            dedup_stats = find_duplicates(staged, removed_dir, cfg.dedup.num_partitions, cfg.dedup.exact,
+                                          use_near, cfg.num_cpus_per_task)
+        else:
+            removed_dir.mkdir(parents=True)
+            dedup_stats = {"removed": 0, "removed_by_reason": {}}
+        marker.write_text(json.dumps(dedup_stats))
+    t_graph = time.monotonic() - t1
+
+    # Phase 3: write survivors into the artifact, publish.
+    t2 = time.monotonic()
+    columns = ["id", "text", *cfg.read.keep_columns]
+    with artifacts.publish(cfg.output) as tmp:
+        (tmp / "docs").mkdir()
+        items = [{"idx": i, "staged": str(stage / f"part-{i:05d}.parquet")} for i in range(len(files))]
+        written = _ray_map(items, lambda r: write_survivors(r["idx"], r["staged"], str(removed_dir),
+                                                            str(tmp / "docs"), columns), cfg, "write")
+        docs_out = sum(w["rows_out"] for w in written)
+        t_write = time.monotonic() - t2
+        wall = time.monotonic() - t0
+        report = rep.build_report(cfg, files, counts, secs, errors, dedup_stats, docs_out,
+                                  {"sign": t_sign, "graph": t_graph, "write": t_write, "total": wall})
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        metrics = {"documents_in": report["documents_in"], "documents_out": docs_out,
+                   "removed_duplicates": dedup_stats.get("removed", 0), "errors": len(errors),
+                   "docs_per_s": report["throughput"]["pipeline_docs_per_s"]}
+        artifacts.write_manifest(tmp, "dataset", "llmray.data.pipeline", to_dict(cfg), metrics,
+                                 [p for p in [Path(cfg.input).parent] if artifacts.is_complete(p)])
+    print(rep.format_table(report), flush=True)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"output": cfg.output, **metrics, "removed_by_reason": dedup_stats.get("removed_by_reason", {})}

@@ -1,0 +1,128 @@
+"""MinHash signatures equal datasketch's; band keys; the duplicate graph's pure functions."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from llmray.data import synthetic
+from llmray.data.dedup import graph
+from llmray.data.dedup import minhash as mh
+
+
+def _datasketch(text: str, num_perm: int, seed: int, n: int = 5):
+    from datasketch import MinHash
+
+    w = mh.words(text)
+    shingles = [" ".join(w[i : i + n]).encode() for i in range(max(1, len(w) - n + 1))] if w else []
+    m = MinHash(num_perm=num_perm, seed=seed, hashfunc=mh.shingle_hash_of_bytes)
+    m.update_batch(shingles)
+    return m.hashvalues
+
+
+def test_signatures_bit_identical_to_datasketch():
+    rng = random.Random(0)
+    texts = [synthetic.document(rng) for _ in range(20)] + ["", "one", "a b c d", "A b C d e", "x " * 7]
+    sh, starts = mh.shingle_hashes(texts, 5)
+    a, b = mh.permutations(64, seed=7)
+    sig = mh.signatures(sh, starts, a, b)
+    for i, t in enumerate(texts):
+        np.testing.assert_array_equal(sig[i], _datasketch(t, 64, 7), err_msg=f"doc {i}")
+
+
+def test_signature_slicing_does_not_change_values(monkeypatch):
+    rng = random.Random(1)
+    texts = [synthetic.document(rng) for _ in range(30)]
+    sh, starts = mh.shingle_hashes(texts, 5)
+    a, b = mh.permutations(32)
+    full = mh.signatures(sh, starts, a, b)
+    monkeypatch.setattr(mh, "_SLICE_ELEMENTS", 500)  # forces many slices
+    np.testing.assert_array_equal(mh.signatures(sh, starts, a, b), full)
+
+
+def test_shingles_never_straddle_documents():
+    sh, starts = mh.shingle_hashes(["a b c d e f", "g h i j k"], 5)
+    assert list(starts) == [0, 2, 3]
+    assert sh[2] == mh.shingle_hash_py(["g", "h", "i", "j", "k"])
+    assert sh[0] == mh.shingle_hash_py(["a", "b", "c", "d", "e"])
+
+
+def test_estimated_jaccard_tracks_true_jaccard():
+    rng = random.Random(2)
+    a, b = mh.permutations(256)
+    errs = []
+    for _ in range(10):
+        base = synthetic.document(rng)
+        near, true_j = synthetic.near_duplicate(base, 0.8, rng)
+        sh, st = mh.shingle_hashes([base, near], 5)
+        sig = mh.signatures(sh, st, a, b)
+        errs.append(abs(mh.estimated_jaccard(sig[0], sig[1]) - true_j))
+    assert np.mean(errs) < 0.05
+
+
+def test_band_keys_match_iff_band_rows_match():
+    sig = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [9, 9, 3, 4]], dtype=np.uint32)
+    k = mh.band_keys(sig, bands=2, rows=2)
+    assert k[0, 0] == k[1, 0] and k[0, 1] != k[1, 1]
+    assert k[0, 1] == k[2, 1] and k[0, 0] != k[2, 0]
+    same_rows_other_band = mh.band_keys(np.array([[5, 5, 5, 5]], dtype=np.uint32), 2, 2)
+    assert same_rows_other_band[0, 0] != same_rows_other_band[0, 1]
+
+
+def test_exact_hash_ignores_case_and_whitespace():
+    assert mh.exact_hash("Hello  world\n") == mh.exact_hash("hello world")
+    assert mh.exact_hash("hello world") != mh.exact_hash("hello word")
+
+
+def test_optimal_bands_from_threshold():
+    b, r = mh.optimal_bands(0.7, 128)
+    assert b * r <= 128 and b > 1 and r > 1
+
+
+def _propagate(edges: list[tuple[str, str]], p: int) -> dict[str, str]:
+    """Run the partitioned label propagation in-process (the same functions the Ray tasks run)."""
+    t = pa.table({"node": [a for a, _ in edges], "nbr": [b for _, b in edges], "exact": [False] * len(edges)},
+                 schema=graph._EDGE_SCHEMA)
+    routed = graph.route_edges(t, p)
+    adj = routed
+    labels = [graph.init_labels(a) for a in adj]
+    msgs = [graph.propose(adj[q], labels[q], None, p) for q in range(p)]
+    for _ in range(50):
+        res = [graph.apply_messages(labels[q], pa.concat_tables([m[q] for m in msgs])) for q in range(p)]
+        labels = [r[0] for r in res]
+        if sum(r[1].num_rows for r in res) == 0:
+            break
+        msgs = [graph.propose(adj[q], labels[q], res[q][1], p) for q in range(p)]
+    out = {}
+    for lab in labels:
+        out.update(dict(zip(lab["node"].to_pylist(), lab["label"].to_pylist())))
+    return out
+
+
+@pytest.mark.parametrize("p", [1, 2, 5])
+def test_label_propagation_equals_union_find(p):
+    rng = random.Random(p)
+    nodes = [f"d{i:04d}" for i in range(300)]
+    edges = [(rng.choice(nodes), rng.choice(nodes)) for _ in range(200)]
+    edges += [(f"d{i:04d}", f"d{i + 1:04d}") for i in range(100, 140)]  # a long chain: many rounds
+    edges = [(a, b) for a, b in edges if a != b]
+    assert _propagate(edges, p) == graph.components_local(edges)
+
+
+def test_bucket_edges_stars_and_exact_reason():
+    rows = pa.table({
+        "kind": pa.array([0, 0, 1, 1, 1, 1], pa.int8()),
+        "key": pa.array([7, 7, 9, 9, 9, 4], pa.uint64()),
+        "id": ["b", "a", "c", "a", "b", "z"],
+    })
+    edges, stats = graph.bucket_edges(rows)
+    got = {(n, m, e) for n, m, e in zip(*(edges[c].to_pylist() for c in ("node", "nbr", "exact")))}
+    assert got == {("a", "b", True), ("a", "c", False)}
+    assert stats == {"buckets": 2, "max_bucket": 3}
+    adj = pa.concat_tables(graph.route_edges(edges, 1))
+    labels = graph.init_labels(adj)
+    rem = graph.removals(adj, labels)
+    assert dict(zip(rem["id"].to_pylist(), rem["reason"].to_pylist())) == {"b": "exact_dup", "c": "near_dup"}
