@@ -1,0 +1,145 @@
+"""Chat and preference data for the trainers: JSONL reading with file:line errors, chat rendering with
+assistant-only labels, packing several conversations per row, fixed-length row tables.
+
+Pure functions (no Ray): `encode_chat`, `pack`, `pad_rows`; `read_records` validates every line
+before any training work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from llmray.errors import UserError
+
+IGNORE = -100
+
+
+def jsonl_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"data not found: {p}")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*.jsonl") if not f.name.startswith("."))
+    if not files:
+        raise UserError(f"no .jsonl files under {p}")
+    return files
+
+
+def read_records(path: str | Path, validate: Callable[[dict], str | None], limit: int | None = None) -> list[dict]:
+    """Every record of the JSONL file(s) at `path`; the first invalid one raises UserError naming file:line."""
+    out: list[dict] = []
+    for f in jsonl_files(path):
+        with f.open() as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{f}:{i}: not valid JSON ({e})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{f}:{i}: expected a JSON object, got {type(rec).__name__}")
+                problem = validate(rec)
+                if problem:
+                    raise UserError(f"{f}:{i}: {problem}")
+                out.append(rec)
+                if limit is not None and len(out) >= limit:
+                    return out
+    if not out:
+        raise UserError(f"{path}: no records")
+    return out
+
+
+def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"field {field!r} must be a non-empty list of {{role, content}} messages"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"{field}[{j}] must be an object with string 'role' and 'content'"
+        if m["role"] not in ("system", "user", "assistant"):
+            return f"{field}[{j}].role {m['role']!r} is not system, user or assistant"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return f"{field!r} has no assistant turn (nothing to learn)"
+    return None
+
+
+def validate_chat(rec: dict) -> str | None:
+    if "messages" not in rec:
+        return "missing field 'messages'"
+    return check_messages(rec["messages"])
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the chat template's rendering; labels are the ids on assistant tokens
+    (content and its closing EOS, from the template's {% generation %} mask) and -100 elsewhere."""
+    o = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(o["input_ids"])
+    mask = list(o["assistant_masks"])
+    return ids, [t if k else IGNORE for t, k in zip(ids, mask)]
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> list[dict[str, list[int]]]:
+    """Greedy in-order packing of (ids, labels) examples into rows of exactly seq_len tokens.
+
+    Each example's position_ids restart at 0 (transformers turns the restarts into a block-diagonal
+    causal mask: no attention across examples). The tail padding is its own block with labels -100.
+    Examples longer than seq_len must be filtered out before.
+    """
+    rows: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+
+    def flush() -> None:
+        pad = seq_len - len(ids)
+        rows.append({"input_ids": ids + [pad_id] * pad, "labels": labels + [IGNORE] * pad,
+                     "position_ids": pos + list(range(pad))})
+
+    for e_ids, e_labels in examples:
+        if len(e_ids) > seq_len:
+            raise ValueError(f"example of {len(e_ids)} tokens exceeds seq_len {seq_len}")
+        if len(ids) + len(e_ids) > seq_len:
+            flush()
+            ids, labels, pos = [], [], []
+        ids += e_ids
+        labels += e_labels
+        pos += list(range(len(e_ids)))
+    if ids:
+        flush()
+    return rows
+
+
+def pad_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> list[dict[str, list[int]]]:
+    """One example per row, right-padded (no packing)."""
+    return [
+        {"input_ids": i + [pad_id] * (seq_len - len(i)), "labels": l + [IGNORE] * (seq_len - len(l)),
+         "position_ids": list(range(seq_len))}
+        for i, l in examples
+    ]
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows of equal-length int lists (and floats) as one parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, Any] = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        cols[k] = pa.array(vals, type=pa.list_(pa.int32())) if isinstance(vals[0], list) else pa.array(vals)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows -> dict of numpy arrays (the eval rows handed to the workers)."""
+    import numpy as np
+
+    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def iter_chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]

@@ -1,0 +1,149 @@
+"""Stage `sft`: supervised fine-tuning of a model artifact on chat JSONL, loss on assistant tokens only.
+
+Conversations are rendered with the tokenizer's ChatML template; labels are -100 outside assistant
+turns (multi-turn in one pass); several conversations are packed per row with position_ids restarting
+per conversation (no attention across them); optional LoRA through peft, merged on export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llmray.config import check, to_dict
+from llmray.errors import UserError
+from llmray.train.lm import LoRAConfig
+from llmray.train.trainer import TrainRunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainRunConfig):
+    model: str = "artifacts/pretrained"
+    """Model artifact (HF directory with its tokenizer) to fine-tune."""
+    data: str = "artifacts/corpus/sft"
+    """JSONL file or directory: {"messages": [{"role", "content"}, ...]} per line."""
+    eval_fraction: float = 0.05
+    """Share of conversations held out (the last ones) for eval loss."""
+    seq_len: int = 256
+    packing: bool = True
+    """Pack several conversations per row (block-diagonal attention); false = one per row, padded."""
+    max_examples: int | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    run_dir: str = "runs/sft"
+    output: str = "artifacts/sft"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        check(self.seq_len >= 8, "seq_len", "must be >= 8")
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> dict:
+    """config.json of an HF model directory (a `model` artifact or a bare HF dir); clear errors otherwise."""
+    from llmray import artifacts
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what}: {p} does not exist")
+    if (p / artifacts.MANIFEST).exists():
+        artifacts.require(p, "model")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{what}: {p} is not a Hugging Face model directory (no config.json)")
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise UserError(f"{what}: {p} has no tokenizer files")
+    return json.loads((p / "config.json").read_text())
+
+
+def model_shape(hf: dict):
+    from llmray.models.factory import ModelShape
+
+    return ModelShape(hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+                      hf.get("num_key_value_heads") or hf["num_attention_heads"], hf["intermediate_size"],
+                      hf["max_position_embeddings"], bool(hf.get("tie_word_embeddings", True)))
+
+
+def load_tokenizer_checked(model_dir: str | Path, hf: dict):
+    from llmray.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    if len(tok) > hf["vocab_size"]:
+        raise UserError(f"tokenizer/model vocabulary mismatch in {model_dir}: tokenizer has {len(tok)} tokens, "
+                        f"the model's embedding only {hf['vocab_size']}")
+    return tok
+
+
+def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
+    from llmray.train.chat_data import encode_chat, pack, pad_rows, read_records, validate_chat
+
+    recs = read_records(cfg.data, validate_chat, cfg.max_examples)
+    encoded, dropped = [], 0
+    for r in recs:
+        ids, labels = encode_chat(tok, r["messages"])
+        if len(ids) > cfg.seq_len:
+            dropped += 1
+            continue
+        encoded.append((ids, labels))
+    if not encoded:
+        raise UserError(f"every conversation in {cfg.data} is longer than seq_len={cfg.seq_len}; raise seq_len")
+    n_eval = int(len(encoded) * cfg.eval_fraction)
+    train, held = encoded[: len(encoded) - n_eval], encoded[len(encoded) - n_eval:]
+    fn = pack if cfg.packing else pad_rows
+    train_rows = fn(train, cfg.seq_len, tok.pad_token_id)
+    eval_rows = fn(held, cfg.seq_len, tok.pad_token_id) if held else []
+    stats = {"conversations": len(recs), "dropped_too_long": dropped, "train_rows": len(train_rows),
+             "eval_rows": len(eval_rows),
+             "supervised_tokens": sum(sum(1 for l in lab if l != -100) for _, lab in train)}
+    return train_rows, eval_rows, stats
+
+
+def run(cfg: SFTConfig) -> dict:
+    import ray.data
+
+    from llmray.cluster import init_ray
+    from llmray.train.chat_data import columns, write_rows
+    from llmray.train.lm import CausalLMTask
+    from llmray.train.loop import LoopSpec
+    from llmray.train.trainer import check_memory, check_resume, finish, launch, ordered_parquet
+
+    hf = check_model_dir(cfg.model)
+    tok = load_tokenizer_checked(cfg.model, hf)
+    shape = model_shape(hf)
+    if cfg.seq_len > shape.max_position_embeddings:
+        raise UserError(f"seq_len {cfg.seq_len} exceeds the model context ({shape.max_position_embeddings} in {cfg.model})")
+    train_rows, eval_rows, stats = build_rows(cfg, tok)
+    w = cfg.scaling.num_workers
+    if len(train_rows) < cfg.deepspeed.micro_batch_size * w:
+        raise UserError(f"{cfg.data}: {len(train_rows)} training rows, fewer than micro_batch_size x num_workers "
+                        f"({cfg.deepspeed.micro_batch_size * w})")
+    eval_rows = eval_rows[: len(eval_rows) // w * w]
+    trainable = None
+    if cfg.lora.enabled:
+        h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+        kv = h // shape.num_heads * shape.num_kv_heads
+        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        trainable = L * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
+    expect = {"model_shape": to_dict(shape), "lora": to_dict(cfg.lora) if cfg.lora.enabled else None}
+    check_resume(cfg, expect)
+    check_memory(cfg, shape, cfg.seq_len, trainable)
+
+    init_ray(cfg.ray)
+    run_dir = Path(cfg.run_dir).resolve()
+    data_file = write_rows(train_rows, run_dir / "data" / "train.parquet")
+    ds = ordered_parquet([str(data_file)], ["input_ids", "labels", "position_ids"])
+    task = CausalLMTask(tokenizer_dir=str(Path(cfg.model).resolve()), init_from=str(Path(cfg.model).resolve()),
+                        seed=cfg.seed, lora=cfg.lora)
+    spec = LoopSpec(
+        task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir),
+        num_rows=len(train_rows), every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last,
+        resume=cfg.checkpoint.resume, seed=cfg.seed, log_every=cfg.log_every,
+        flops_per_token=6.0 * shape.num_params(), peak_flops_per_worker=cfg.peak_flops_per_worker,
+        expect_meta=expect, eval_rows=columns(eval_rows) if eval_rows else None,
+    )
+    print(f"[llmray] sft: {stats}", flush=True)
+    result = launch(cfg, spec, ds, "sft")
+    return finish(cfg, "sft", to_dict(cfg), result, [cfg.model], stats)
