@@ -153,7 +153,7 @@ def _ray_map(items: list[dict], fn, cfg: CleanDedupConfig, name: str) -> list[di
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    kwargs = {"num_cpus": cfg.num_cpus_per_task, "max_retries": 3}
+    kwargs = {"num_cpus": cfg.num_cpus_per_task}
     if cfg.max_tasks_in_flight:
         kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.max_tasks_in_flight)
     return ds.map(fn, **kwargs).take_all()
