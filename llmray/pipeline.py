@@ -9,6 +9,7 @@ Every stage's config section is validated before any work starts, so a bad key f
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -91,24 +92,32 @@ class Paths:
     def of(self, stage: str) -> str:
         return getattr(self, _attr(stage))
 
+    def run_dir(self, stage: str) -> str:
+        """Checkpoints, metric logs and plots of a training stage (kept apart from its artifact,
+        which is replaced atomically when it is published)."""
+        return str(self.root / "runs" / _attr(stage))
+
 
 def _attr(stage: str) -> str:
     return stage.replace("-", "_")
 
 
 def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
-    """The keys of each stage's config that point at the previous stage's artifact."""
+    """The keys (dotted for nested sections) of each stage's config that point at the previous
+    stage's artifact."""
     corpus_docs = cfg.corpus_path or f"{p.corpus}/docs"
     return {
         "corpus": {"output": p.corpus},
         "clean-dedup": {"input": corpus_docs, "output": p.clean_dedup},
-        "tokenizer": {"corpus": f"{p.clean_dedup}/docs", "output": p.tokenizer},
-        "pack": {"input": f"{p.clean_dedup}/docs", "tokenizer": p.tokenizer, "output": p.pack},
-        "pretrain": {"data": p.pack, "tokenizer": p.tokenizer, "output": p.pretrain},
-        "sft": {"model": p.pretrain, "data": f"{p.corpus}/sft", "output": p.sft},
-        "reward-model": {"model": p.sft, "data": f"{p.corpus}/preference", "output": p.reward_model},
-        "ppo": {"model": p.sft, "reward_model": p.reward_model, "prompts": f"{p.corpus}/prompts",
-                "output": p.ppo},
+        "tokenizer": {"corpus": p.clean_dedup, "output": p.tokenizer},
+        "pack": {"input": p.clean_dedup, "tokenizer": p.tokenizer, "output": p.pack},
+        "pretrain": {"dataset": p.pack, "tokenizer": p.tokenizer, "output": p.pretrain,
+                     "run_dir": p.run_dir("pretrain")},
+        "sft": {"model": p.pretrain, "data": f"{p.corpus}/sft", "output": p.sft, "run_dir": p.run_dir("sft")},
+        "reward-model": {"model": p.sft, "data": f"{p.corpus}/preference", "output": p.reward_model,
+                         "run_dir": p.run_dir("reward-model")},
+        "ppo": {"model": p.sft, "reward.model": p.reward_model, "prompts": f"{p.corpus}/prompts",
+                "eval_prompts": f"{p.corpus}/eval", "output": p.ppo},
         "quantize": {"model": p.ppo, "output": p.quantize},
         "serve": {"model": p.quantize},
     }
@@ -124,16 +133,24 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     for name, section, _, _ in STEPS:
         if name == "corpus" and cfg.corpus_path:
             continue
-        user = dict(getattr(cfg, section))
-        for k in wired[name]:
-            if k in user:
-                raise ConfigError(f"{section}.{k}: set by the pipeline (it wires stages together); remove it")
-        data = {**user, **wired[name]}
+        user = getattr(cfg, section)
+        for dotted in wired[name]:
+            if _get(user, dotted.split(".")) is not None:
+                raise ConfigError(f"{section}.{dotted}: set by the pipeline (it wires stages together); remove it")
+        data = cfglib.apply_overrides(user, [f"{k}={json.dumps(v)}" for k, v in wired[name].items()])
         cls = stages.get(name).config_class()
         if "ray" in {f for f in getattr(cls, "__dataclass_fields__", {})}:
             data.setdefault("ray", cfglib.to_dict(cfg.ray))
         out[name] = cfglib.build(cls, data, prefix=section)
     return out
+
+
+def _get(d: dict, path: list[str]):
+    for part in path:
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 def _selected(cfg: PipelineConfig) -> list[str]:

@@ -93,7 +93,7 @@ def write_report(paths, results: dict) -> Path:
         md.append("")
     pngs: list[Path] = []
     for stage in CURVES:
-        pngs += _plot_stage(stage, Path(paths.of(stage)), out)
+        pngs += _plot_stage(stage, Path(paths.run_dir(stage)), out) or _plot_stage(stage, Path(paths.of(stage)), out)
     pngs += _eval_plot(results, out)
     if pngs:
         md += ["## Curves", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
