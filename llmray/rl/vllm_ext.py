@@ -1,0 +1,72 @@
+"""vLLM worker extension that loads pushed weight buckets into the running engine and reports a checksum.
+
+Mixed into vLLM's worker with `LLM(..., worker_extension_cls="llmray.rl.vllm_ext.WeightLoader")` and
+called through `llm.collective_rpc("llmray_load_bucket", args=(payload,))`. The payload is the
+bucket serialized as safetensors bytes: tensors passed directly in collective_rpc arguments are
+turned into lists, and Python callables are refused. Loading goes through vLLM's in-place
+`reload_weights` (checkpoint-format names, layer-wise processing), which survives the CPU
+backend's weight repacking — a direct `model.load_weights` after start-up does not. A layer whose
+weights are only partly present would be processed with garbage, so buckets keep fused groups
+(q/k/v, gate/up) whole; see `llmray.rl.weight_sync.make_buckets`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class WeightLoader:
+    """Methods added to every vLLM worker (one per tensor-parallel rank)."""
+
+    def llmray_load_bucket(self, payload: bytes) -> dict:
+        """Load one bucket (safetensors bytes) in place; return its checksum and size."""
+        from safetensors.torch import load
+
+        from llmray.rl.weight_sync import checksum
+
+        state = load(payload)
+        items = sorted(state.items())
+        digest = checksum(items)
+        # reload_weights warns once per layer absent from this bucket; that is expected here.
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=items)
+        finally:
+            quiet.setLevel(level)
+        _refresh_tied(self.model_runner.get_model(), {name for name, _ in items})
+        return {"checksum": digest, "num_tensors": len(items), "bytes": len(payload)}
+
+    def llmray_reload_from_dir(self, weights_path: str) -> bool:
+        """Reload every weight from a saved HF directory (safetensors)."""
+        self.reload_weights(weights_path=weights_path)
+        model = self.model_runner.get_model()
+        _refresh_tied(model, {name for name, _ in model.named_parameters()})
+        return True
+
+
+def _refresh_tied(model, loaded: set[str]) -> list[str]:
+    """Re-run weight post-processing on modules that share a loaded weight but were not loaded themselves.
+
+    Tied embeddings: vLLM loads `model.embed_tokens.weight` and skips `lm_head.weight`; the storage is
+    shared, but on CPU the LM head keeps a prepacked GEMM copy (`cpu_linear`) built at start-up, so
+    without this it would keep computing logits with the old embeddings.
+    """
+    import torch
+
+    by_ptr: dict[int, list[tuple[str, object]]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and not w.is_meta:
+            by_ptr.setdefault(w.data_ptr(), []).append((name, mod))
+    refreshed = []
+    for mods in by_ptr.values():
+        if len(mods) < 2 or not any(f"{n}.weight" in loaded for n, _ in mods):
+            continue
+        for n, mod in mods:
+            qm = getattr(mod, "quant_method", None)
+            if f"{n}.weight" not in loaded and qm is not None:
+                qm.process_weights_after_loading(mod)
+                refreshed.append(n)
+    return refreshed

@@ -1,0 +1,306 @@
+"""Rollout workers: a real vLLM engine (`RolloutWorker`) or batched transformers `generate`
+(`HFRolloutWorker`, the benchmark baseline and the fallback without vLLM), same API.
+
+From a script (the `if __name__ == "__main__":` guard is required wherever a vLLM engine starts):
+
+    from llmray.cluster import init_ray
+    from llmray.rl.worker_group import WorkerGroup
+    from llmray.rl.workers.rollout import RolloutWorker, HFRolloutWorker
+
+    init_ray()
+    group = WorkerGroup("rollout", RolloutWorker, num_workers=1, resources={"CPU": 1},
+                        init_kwargs={"model_dir": "/path/to/hf_dir", "max_model_len": 512, "dtype": "bfloat16"})
+    samples = group.generate(prompt_ids, {"n": 4, "temperature": 1.0, "max_tokens": 64, "seed": 0})
+    # one dict per (prompt, sample), prompt-major:
+    # {"prompt_index", "sample_index", "prompt_ids", "response_ids", "logprobs", "cumulative_logprob",
+    #  "text", "finish_reason"}
+    group.shutdown()
+
+`HFRolloutWorker` takes the same init kwargs (plus `batch_size`) and returns the same dicts.
+Logprobs are those of the model's raw distribution (log-softmax of the logits, before
+temperature/top-k/top-p), i.e. what the actor recomputes at temperature 1; set
+`logprobs_mode="processed_logprobs"` on RolloutWorker for the sampling distribution instead.
+Sampling with a seed draws prompt i's samples from seed + i (i global across ranks), so results do
+not depend on how many rollout workers share the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from llmray.errors import UserError
+from llmray.rl.dispatch import register
+
+SAMPLING_KEYS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64, "seed": None,
+                 "stop_token_ids": None, "min_tokens": 0, "ignore_eos": False}
+
+
+def sampling_settings(sampling: dict | None) -> dict:
+    """The sampling dict with defaults filled in; an unknown key or a bad value raises UserError naming it."""
+    sampling = dict(sampling or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise UserError(f"sampling: unknown key(s) {unknown}; allowed: {sorted(SAMPLING_KEYS)}")
+    s = {**SAMPLING_KEYS, **{k: v for k, v in sampling.items() if v is not None or k == "seed"}}
+    if int(s["n"]) < 1:
+        raise UserError(f"sampling.n must be >= 1, got {s['n']}")
+    if int(s["max_tokens"]) < 1:
+        raise UserError(f"sampling.max_tokens must be >= 1, got {s['max_tokens']}")
+    if float(s["temperature"]) < 0:
+        raise UserError(f"sampling.temperature must be >= 0, got {s['temperature']}")
+    if not 0 < float(s["top_p"]) <= 1:
+        raise UserError(f"sampling.top_p must be in (0, 1], got {s['top_p']}")
+    s["stop_token_ids"] = [int(t) for t in (s["stop_token_ids"] or [])]
+    return s
+
+
+def prompt_seed(seed: int | None, prompt_index: int) -> int | None:
+    """A well-mixed 31-bit seed per (seed, global prompt index). vLLM draws sample j of a request from
+    seed + j, so plain seed + index would replay prompt i's sample 1 as prompt i+1's sample 0."""
+    if seed is None:
+        return None
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(prompt_index) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
+    return int((x ^ (x >> 29)) & 0x7FFFFFFF)
+
+
+def _check_prompts(prompt_ids: list[list[int]], max_tokens: int, max_model_len: int, offset: int) -> None:
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise UserError(f"prompt {offset + i} is empty")
+        if len(p) + max_tokens > max_model_len:
+            raise UserError(f"prompt {offset + i} has {len(p)} tokens + max_tokens {max_tokens} > "
+                            f"max_model_len {max_model_len}; shorten it or raise rollout.max_model_len")
+
+
+def _resolve(bucket: Any) -> dict:
+    import ray
+
+    return ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
+
+
+class RolloutWorker:
+    """One vLLM engine (`vllm.LLM`) in this process: generation with per-token logprobs, in-place weight loads."""
+
+    def __init__(self, model_dir: str, max_model_len: int = 512, dtype: str = "bfloat16", seed: int = 0,
+                 enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs",
+                 in_process: bool = True, max_num_seqs: int = 256):
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise UserError(f"rollout.model_dir: {model_dir} has no config.json (not a Hugging Face model dir)")
+        # Before vLLM is imported: KV cache size on CPU (whole GiB), engine in this process
+        # (faster here, and killing this actor's process kills the engine with it).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        from vllm import LLM
+
+        t0 = time.monotonic()
+        self.model_dir, self.max_model_len = model_dir, max_model_len
+        kwargs: dict[str, Any] = dict(
+            model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+            worker_extension_cls="llmray.rl.vllm_ext.WeightLoader", logprobs_mode=logprobs_mode,
+            max_num_seqs=max_num_seqs, enable_prefix_caching=True,
+        )
+        if _has_cuda():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the engine's own error, with the model named
+            raise UserError(f"rollout engine failed to start on {model_dir}: {type(e).__name__}: {e}") from e
+        self.tokenizer = self.llm.get_tokenizer()
+        self.start_s = time.monotonic() - t0
+
+    @register("split", offset_kwarg="index_offset")
+    def generate(self, prompt_ids: list[list[int]], sampling: dict, index_offset: int = 0) -> list[dict]:
+        """Sample `n` responses per prompt; one dict per (prompt, sample), prompt-major."""
+        from vllm import SamplingParams
+
+        s = sampling_settings(sampling)
+        if not prompt_ids:
+            return []
+        _check_prompts(prompt_ids, int(s["max_tokens"]), self.max_model_len, index_offset)
+        params = [
+            SamplingParams(n=int(s["n"]), temperature=float(s["temperature"]), top_p=float(s["top_p"]),
+                           top_k=int(s["top_k"]), max_tokens=int(s["max_tokens"]), min_tokens=int(s["min_tokens"]),
+                           seed=prompt_seed(s["seed"], index_offset + i),
+                           stop_token_ids=s["stop_token_ids"], ignore_eos=bool(s["ignore_eos"]), logprobs=0)
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for i, (p, out) in enumerate(zip(prompt_ids, outs)):
+            for j, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                lps = [float(c.logprobs[k][tok].logprob) for k, tok in enumerate(ids)]
+                results.append({"prompt_index": index_offset + i, "sample_index": j, "prompt_ids": list(p),
+                                "response_ids": ids, "logprobs": lps, "text": c.text,
+                                "cumulative_logprob": float(c.cumulative_logprob) if c.cumulative_logprob is not None else sum(lps),
+                                "finish_reason": c.finish_reason or "length"})
+        return results
+
+    @register("rank0")
+    def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy response token ids (ends with EOS when the model stopped)."""
+        out = self.generate(prompt_ids, {"temperature": 0.0, "max_tokens": max_tokens})
+        return [o["response_ids"] for o in out]
+
+    @register("broadcast")
+    def load_weights(self, bucket) -> dict:
+        """Load one bucket (dict from `make_buckets`, or its object ref) in place; report its checksum."""
+        from llmray.rl.weight_sync import bucket_payload
+
+        payload = bucket_payload(_resolve(bucket))
+        reports = self.llm.collective_rpc("llmray_load_bucket", args=(payload,))
+        sums = {r["checksum"] for r in reports}
+        return {"checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}",
+                "num_tensors": reports[0]["num_tensors"], "bytes": reports[0]["bytes"]}
+
+    @register("broadcast")
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    @register("rank0")
+    def tokenizer_info(self) -> dict:
+        """What the controller compares across roles (same tokenizer everywhere)."""
+        return _tokenizer_info(self.tokenizer)
+
+    @register("broadcast")
+    def info(self) -> dict:
+        return {"engine": "vllm", "pid": os.getpid(), "model_dir": self.model_dir, "start_s": self.start_s}
+
+
+class HFRolloutWorker:
+    """Batched transformers `generate` behind the RolloutWorker API (the baseline, or the fallback without vLLM)."""
+
+    def __init__(self, model_dir: str, max_model_len: int = 512, dtype: str = "float32", seed: int = 0,
+                 batch_size: int = 64, num_threads: int | None = None, **_ignored):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise UserError(f"rollout.model_dir: {model_dir} has no config.json (not a Hugging Face model dir)")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        t0 = time.monotonic()
+        self.model_dir, self.max_model_len, self.batch_size, self.seed = model_dir, max_model_len, batch_size, seed
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                       "auto": torch.float32}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_id = self.tokenizer.eos_token_id
+        self.start_s = time.monotonic() - t0
+
+    @register("split", offset_kwarg="index_offset")
+    def generate(self, prompt_ids: list[list[int]], sampling: dict, index_offset: int = 0) -> list[dict]:
+        s = sampling_settings(sampling)
+        if not prompt_ids:
+            return []
+        _check_prompts(prompt_ids, int(s["max_tokens"]), self.max_model_len, index_offset)
+        results = []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            chunk = prompt_ids[start:start + self.batch_size]
+            results.extend(self._generate_batch(chunk, s, index_offset + start))
+        return results
+
+    def _generate_batch(self, prompt_ids: list[list[int]], s: dict, offset: int) -> list[dict]:
+        import torch
+
+        n = int(s["n"])
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding: generation continues from the right edge
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        stops = ([] if s["ignore_eos"] else [self.eos_id]) + s["stop_token_ids"]
+        greedy = float(s["temperature"]) == 0.0
+        gen: dict[str, Any] = dict(
+            input_ids=ids, attention_mask=mask, max_new_tokens=int(s["max_tokens"]),
+            min_new_tokens=int(s["min_tokens"]) or None, num_return_sequences=n, do_sample=not greedy,
+            pad_token_id=self.pad_id, eos_token_id=stops or None, return_dict_in_generate=True,
+            output_logits=True, use_cache=True,
+        )
+        if not greedy:
+            gen.update(temperature=float(s["temperature"]), top_p=float(s["top_p"]),
+                       top_k=int(s["top_k"]) or None)
+        else:
+            gen.update(temperature=None, top_p=None, top_k=None)
+        if s["seed"] is not None:
+            torch.manual_seed(int(s["seed"]) + offset)
+        with torch.no_grad():
+            out = self.model.generate(**gen)
+        new = out.sequences[:, width:]                               # (B*n, T)
+        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # raw distribution, (B*n, T, V)
+        tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        results = []
+        for row in range(new.shape[0]):
+            toks = new[row].tolist()
+            length, reason = len(toks), "length"
+            for k, t in enumerate(toks):
+                if t in stops:
+                    length, reason = k + 1, "stop"
+                    break
+            resp = toks[:length]
+            i, j = divmod(row, n)
+            results.append({"prompt_index": offset + i, "sample_index": j, "prompt_ids": list(prompt_ids[i]),
+                            "response_ids": resp, "logprobs": tok_lp[row, :length].tolist(),
+                            "cumulative_logprob": float(tok_lp[row, :length].sum()),
+                            "text": self.tokenizer.decode(resp, skip_special_tokens=True),
+                            "finish_reason": reason})
+        return results
+
+    @register("rank0")
+    def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        out = self.generate(prompt_ids, {"temperature": 0.0, "max_tokens": max_tokens})
+        return [o["response_ids"] for o in out]
+
+    @register("broadcast")
+    def load_weights(self, bucket) -> dict:
+        from llmray.rl.weight_sync import checksum
+
+        tensors = _resolve(bucket)["tensors"]
+        digest = checksum(tensors.items())
+        own = dict(self.model.named_parameters())
+        unknown = sorted(set(tensors) - set(own))
+        if unknown:
+            raise UserError(f"weight bucket has tensors this model does not have: {unknown[:5]}")
+        import torch
+
+        with torch.no_grad():
+            for name, t in tensors.items():
+                own[name].copy_(t.to(own[name].dtype))
+        return {"checksum": digest, "num_tensors": len(tensors),
+                "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+    @register("broadcast")
+    def reset_prefix_cache(self) -> None:
+        return None  # no cache kept between calls
+
+    @register("rank0")
+    def tokenizer_info(self) -> dict:
+        return _tokenizer_info(self.tokenizer)
+
+    @register("broadcast")
+    def info(self) -> dict:
+        return {"engine": "hf", "pid": os.getpid(), "model_dir": self.model_dir, "start_s": self.start_s}
+
+
+def _tokenizer_info(tok) -> dict:
+    return {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id}
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
