@@ -77,23 +77,33 @@ def _list_column(rows: np.ndarray):
     return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1).astype(np.int32), pa.int32()))
 
 
-def pack_file(idx: int, uri: str, cfg: PackConfig, out_dir: str) -> dict:
+def _fast_tokenizer(path: str, eos_token: str):
+    """The `tokenizers` object behind a transformers fast tokenizer dir: imports in a fraction of
+    the time `transformers` takes, which matters in every fresh Ray worker."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    eos = tok.token_to_id(eos_token)
+    if eos is None:
+        raise UserError(f"tokenizer {path}: EOS token {eos_token!r} is not in its vocabulary")
+    return tok, eos
+
+
+def pack_file(idx: int, uri: str, cfg: PackConfig, out_dir: str, eos_token: str) -> dict:
     """Tokenize and pack one input file into `out_dir/part-idx.parquet`; return its counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llmray.data.readers import ReadErrors, read_chunks
-    from llmray.models.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    tok = load_tokenizer(cfg.tokenizer)
-    eos = tok.eos_token_id
+    tok, eos = _fast_tokenizer(cfg.tokenizer, eos_token)
     errors = ReadErrors()
     buf = np.zeros(0, dtype=np.int64)
     rows_out: list[np.ndarray] = []
     docs = tokens = 0
     for batch in read_chunks(uri, cfg.text_column, "id", (), cfg.tokenize_batch, errors):
-        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = [e.ids for e in tok.encode_batch(batch["text"], add_special_tokens=False)]
         docs += len(ids)
         flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
         tokens += len(flat)
@@ -140,6 +150,9 @@ def run(cfg: PackConfig) -> dict:
         raise UserError(f"tokenizer {cfg.tokenizer} is unreadable: {e}") from None
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer {cfg.tokenizer} has no EOS token")
+    if not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
+        raise UserError(f"tokenizer {cfg.tokenizer} has no tokenizer.json (a fast tokenizer is needed)")
+    eos_token = tok.eos_token
     files = _input_files(cfg.input)
     init_ray(cfg.ray)
     t0 = time.monotonic()
@@ -150,7 +163,7 @@ def run(cfg: PackConfig) -> dict:
         shards.mkdir()
         items = [{"idx": i, "uri": f} for i, f in enumerate(files)]
         res = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map(lambda r: pack_file(r["idx"], r["uri"], cfg, str(shards)), num_cpus=cfg.num_cpus_per_task)
+               .map(lambda r: pack_file(r["idx"], r["uri"], cfg, str(shards), eos_token), num_cpus=cfg.num_cpus_per_task)
                .take_all())
         res.sort(key=lambda r: r["idx"])
         errors = [e for r in res for e in json.loads(r["errors"])]
