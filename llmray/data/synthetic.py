@@ -195,7 +195,7 @@ def generate_documents(cfg: CorpusConfig) -> Iterator[tuple[dict, dict]]:
                 else:
                     text, sim = near_duplicate(original, rng.uniform(lo, hi), rng)
                     label.update(defect="near_dup", drop="dedup", jaccard=round(sim, 4))
-        elif u < cfg.exact_dup_rate + cfg.near_dup_rate + cfg.junk_rate:
+        elif cfg.junk_rate > 0 and u < cfg.exact_dup_rate + cfg.near_dup_rate + cfg.junk_rate:
             kind = junk[int((u - cfg.exact_dup_rate - cfg.near_dup_rate) / cfg.junk_rate * len(junk)) % len(junk)]
             base = clean_document(cfg, i)
             if kind == "boilerplate":
