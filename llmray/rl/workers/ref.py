@@ -1,0 +1,37 @@
+"""Ref role: the frozen SFT policy, inference only; gives the reference log-probs for the KL term."""
+
+from __future__ import annotations
+
+from llmray.rl.batch import RLBatch
+from llmray.rl.dispatch import register
+
+
+class RefWorker:
+    def __init__(self, model_dir: str, temperature: float = 1.0, micro_batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_grad_enabled(False)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+
+    @register("split")
+    def log_probs(self, batch: RLBatch) -> RLBatch:
+        import torch
+
+        from llmray.rl.modeling import response_logprobs
+
+        with torch.no_grad():
+            parts = [response_logprobs(self.model, mb, temperature=self.temperature)
+                     for mb in batch.chunks(self.micro_batch_size)]
+        return batch.replace(ref_logprobs=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+
+    @register("rank0")
+    def ping(self) -> int:
+        import os
+
+        return os.getpid()
+

@@ -1,0 +1,51 @@
+"""Fixtures for the RL algorithm tests: one SFT'd tiny model per session (TEST SETUP, plain torch),
+RL prompt files, and a helper to build a small RLConfig that fits the 4-CPU test cluster."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def rl_sft_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model after a short SFT on task chats: formats answers, partly right (test setup)."""
+    from sft_setup import quick_sft
+
+    return quick_sft(tiny_model_dir, tmp_path_factory.mktemp("rl_sft"), steps=100)
+
+
+@pytest.fixture(scope="session")
+def rl_prompts(tmp_path_factory) -> Path:
+    """A corpus-like dir with prompts/ (RL) and eval/ (held-out) task records."""
+    from llmray.data import tasks
+
+    root = tmp_path_factory.mktemp("rl_prompts")
+    for split, n, seed in (("prompts", 512, 1), ("eval", 48, 2)):
+        (root / split).mkdir()
+        rng = random.Random(seed)
+        with (root / split / "part-00000.jsonl").open("w") as f:
+            for _ in range(n):
+                f.write(json.dumps(tasks.prompt_record(tasks.make_task(rng))) + "\n")
+    return root
+
+
+def small_config(model: Path, prompts: Path, out: Path, *overrides: str):
+    """A CPU-sized RLConfig: one vLLM engine, 1-CPU actor, fractional critic/ref/reward."""
+    from llmray.config import load
+    from llmray.rl.controller import RLConfig
+
+    base = [
+        f"model={model}", f"prompts={prompts}", f"output={out / 'model'}", f"run_dir={out / 'run'}",
+        "steps=4", "num_eval=48", "algo.n_samples=4", "algo.prompts_per_step=8", "algo.minibatch_size=16",
+        "rollout.max_tokens=12", "rollout.max_model_len=128", "rollout.cpus_per_worker=1",
+        "actor.cpus_per_worker=1", "critic.cpus_per_worker=0.5", "ref.cpus_per_worker=0.25",
+        "reward.cpus_per_worker=0.25", "checkpoint.every_n_steps=2", "save_model=false",
+    ]
+    return load(RLConfig, None, base + list(overrides))
