@@ -121,8 +121,10 @@ def sign_file(idx: int, uri: str, cfg: CleanDedupConfig, stage_dir: str) -> dict
         raise
     writer.close()
     os.replace(tmp, out)
+    import resource
+
     stats = {"idx": idx, "file": uri, "counts": dict(counts), "seconds": {k: round(v, 4) for k, v in secs.items()},
-             "errors": errors.items}
+             "errors": errors.items, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     marker = out.with_suffix(".json")
     mtmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}")
     mtmp.write_text(json.dumps(stats))
@@ -255,6 +257,7 @@ def run(cfg: CleanDedupConfig) -> dict:
         wall = time.monotonic() - t0
         report = rep.build_report(cfg, files, counts, secs, errors, dedup_stats, docs_out,
                                   {"sign": t_sign, "graph": t_graph, "write": t_write, "total": wall})
+        report["sign_task_peak_rss_mb"] = max((s.get("peak_rss_mb", 0) for s in per_file), default=0)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         metrics = {"documents_in": report["documents_in"], "documents_out": docs_out,
                    "removed_duplicates": dedup_stats.get("removed", 0), "errors": len(errors),
