@@ -38,6 +38,37 @@ class WeightLoader:
         _refresh_tied(self.model_runner.get_model(), {name for name, _ in items})
         return {"checksum": digest, "num_tensors": len(items), "bytes": len(payload)}
 
+    # -- GPU: NCCL transport (see llmray.rl.weight_sync.NcclTransport) -----------------------
+    def llmray_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> int:
+        """Join the trainer's weight-broadcast group as rank `rank_offset + tp_rank`."""
+        import torch
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.parallel_state import get_tp_group
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        rank = rank_offset + get_tp_group().rank_in_group
+        pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
+        self._llmray_nccl = PyNcclCommunicator(pg, device=torch.cuda.current_device())
+        return rank
+
+    def llmray_nccl_receive(self, meta: list[tuple[str, str, list[int]]]) -> dict:
+        """Receive one bucket by broadcast from rank 0 (names, dtypes, shapes in `meta`) and load it."""
+        import torch
+
+        from llmray.rl.weight_sync import checksum
+
+        tensors = []
+        for name, dtype, shape in meta:
+            t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device="cuda")
+            self._llmray_nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            tensors.append((name, t))
+        torch.cuda.synchronize()
+        digest = checksum(tensors)
+        self.reload_weights(weights_iterator=tensors)
+        _refresh_tied(self.model_runner.get_model(), {n for n, _ in tensors})
+        return {"checksum": digest, "num_tensors": len(tensors),
+                "bytes": sum(t.numel() * t.element_size() for _, t in tensors)}
+
     def llmray_reload_from_dir(self, weights_path: str) -> bool:
         """Reload every weight from a saved HF directory (safetensors)."""
         self.reload_weights(weights_path=weights_path)

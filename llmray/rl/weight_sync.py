@@ -53,10 +53,12 @@ def fused_group(name: str) -> str:
     return f"{m.group(1)}{_FUSED[m.group(2)]}" if m else name
 
 
-def make_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_mb: float) -> list[dict]:
+def make_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_mb: float,
+                 device: str | None = "cpu") -> list[dict]:
     """Group tensors into buckets of about `bucket_mb` MiB, in the given order, never splitting a fused group.
 
-    A group larger than the budget gets a bucket of its own. Each bucket is
+    A group larger than the budget gets a bucket of its own. Tensors are moved to `device`
+    (None: left where they are, e.g. on the GPU for the NCCL transport). Each bucket is
     {"tensors": {name: contiguous CPU tensor}, "checksum": str, "bytes": int}.
     """
     if bucket_mb <= 0:
@@ -64,7 +66,8 @@ def make_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_mb:
     budget = bucket_mb * 2**20
     groups: dict[str, list[tuple[str, Any]]] = {}
     for name, t in named_tensors:
-        groups.setdefault(fused_group(name), []).append((name, t.detach().to("cpu").contiguous()))
+        t = t.detach() if device is None else t.detach().to(device)
+        groups.setdefault(fused_group(name), []).append((name, t.contiguous()))
     buckets: list[dict] = []
     current: dict[str, Any] = {}
     size = 0
@@ -135,8 +138,12 @@ class WeightSync:
         self.pushes = 0
         self.last: list[BucketRef] | None = None
 
-    def push(self, named_tensors_or_bucket_refs, rollout_group: "WorkerGroup") -> dict:
-        """Load the weights into every engine of `rollout_group`; return timing and size metrics."""
+    def push(self, named_tensors_or_bucket_refs, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
+        """Load the weights into every engine of `rollout_group` (or only `ranks`); return timing and size metrics.
+
+        BucketRefs put by an actor worker live as long as that worker: after the actor group is
+        replaced, push its fresh weights rather than re-pushing old refs (they fail as lost objects).
+        """
         import ray
 
         t0 = time.monotonic()
@@ -146,9 +153,10 @@ class WeightSync:
         if not items:
             raise WeightSyncError("weight sync: nothing to push (no tensors)")
         if self.transport == "nccl":
-            raise WeightSyncError("weight sync: use NcclTransport.push for transport=nccl (GPU only)")
+            raise WeightSyncError("weight sync: transport=nccl pushes from the actor's GPUs — use "
+                                  "NcclTransport(sender_group, rollout_group).push(bucket_mb) (GPU only)")
         deadline = t0 + self.timeout_s
-        ranks = list(range(rollout_group.num_workers))
+        ranks = list(range(rollout_group.num_workers)) if ranks is None else list(ranks)
         # Every bucket goes to every engine at once; each engine loads its queue in order.
         pending = {}
         for b_idx, b in enumerate(items):
@@ -184,7 +192,8 @@ class WeightSync:
                     f"({len(items[b_idx].names)} tensors, first {items[b_idx].names[:1]}): engine loaded "
                     f"{got}, actor sent {items[b_idx].checksum}")
         left = max(1.0, deadline - time.monotonic())
-        rollout_group.call("reset_prefix_cache", dispatch="broadcast", timeout_s=left)
+        for r in ranks:
+            rollout_group.call_rank(r, "reset_prefix_cache", timeout_s=left)
         self.pushes += 1
         self.last = items
         return {
@@ -196,7 +205,90 @@ class WeightSync:
         }
 
     def resync(self, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
-        """Push the last pushed buckets again (after a rollout engine restart)."""
+        """Push the last pushed buckets again to `ranks` (default: all), e.g. after a rollout engine
+        restart: `call_with_restart(group, "generate", ..., on_restart=lambda g, r: sync.resync(g, r))`."""
         if self.last is None:
             return {}
-        return self.push(self.last, rollout_group)
+        return self.push(self.last, rollout_group, ranks=ranks)
+
+
+class NcclTransport:
+    """GPU transport: the actor's rank 0 broadcasts each bucket over NCCL straight into the engines' GPUs.
+
+    Same contract as `WeightSync.push` (bucketed, fused groups whole, per-engine checksums, one
+    timeout for the whole push, prefix cache reset after), but no bytes go through the object
+    store. The actor worker class must provide two broadcast methods built from the helpers below:
+
+        @register("broadcast")
+        def nccl_open(self, address, port, world_size):   # rank 0: nccl_sender(address, port, world_size)
+        @register("broadcast")
+        def nccl_send(self, bucket_mb):                   # rank 0: nccl_send_buckets(comm, named_tensors, bucket_mb)
+
+    and returns, from `nccl_send`, the list of (meta, checksum) per bucket it broadcast.
+    Written against vLLM's StatelessProcessGroup + PyNcclCommunicator; tested only under `gpu`.
+    """
+
+    def __init__(self, actor_group: "WorkerGroup", rollout_group: "WorkerGroup", tp_size: int = 1,
+                 timeout_s: float = 120.0):
+        import ray
+
+        self.actor_group, self.rollout_group, self.timeout_s = actor_group, rollout_group, timeout_s
+        address, port = ray.get(actor_group.actors[0].address.remote())
+        world = 1 + rollout_group.num_workers * tp_size
+        engines = [rollout_group.actors[r].call.remote("nccl_init", (address, port, 1 + r * tp_size, world), {})
+                   for r in range(rollout_group.num_workers)]
+        actor_group.call("nccl_open", address, port, world, timeout_s=timeout_s)
+        ray.get(engines, timeout=timeout_s)
+
+    def push(self, bucket_mb: float = 64) -> dict:
+        import ray
+
+        t0 = time.monotonic()
+        plan = self.actor_group.call("nccl_plan", bucket_mb, dispatch="rank0", timeout_s=self.timeout_s)
+        sent = self.actor_group.submit("nccl_send", bucket_mb, timeout_s=self.timeout_s)
+        loads = [[g.call.remote("nccl_receive", (meta,), {}) for g in self.rollout_group.actors] for meta, _ in plan]
+        sent.result()
+        try:
+            reports = ray.get([x for b in loads for x in b], timeout=max(1.0, t0 + self.timeout_s - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            raise WeightSyncError(f"NCCL weight sync to {self.rollout_group.role} timed out after "
+                                  f"{self.timeout_s:g}s") from None
+        n = self.rollout_group.num_workers
+        for i, (meta, digest) in enumerate(plan):
+            for r in range(n):
+                if reports[i * n + r]["checksum"] != digest:
+                    raise WeightSyncError(f"weight sync: checksum mismatch on {self.rollout_group.role} rank {r}, "
+                                          f"bucket {i}")
+        self.rollout_group.call("reset_prefix_cache", dispatch="broadcast", timeout_s=self.timeout_s)
+        return {"weight_sync/sync_s": time.monotonic() - t0, "weight_sync/buckets": len(plan),
+                "weight_sync/bytes": sum(r["bytes"] for r in reports[::n]), "weight_sync/engines": n}
+
+
+def nccl_sender(address: str, port: int, world_size: int):
+    """Rank 0 of the weight-broadcast group, on the actor's current GPU."""
+    import torch
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    pg = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world_size)
+    return PyNcclCommunicator(pg, device=torch.cuda.current_device())
+
+
+def nccl_plan(named_tensors, bucket_mb: float) -> list[tuple[list, str]]:
+    """Per bucket: ([(name, dtype, shape)], checksum) — what the engines need to receive it."""
+    return [([(n, str(t.dtype), list(t.shape)) for n, t in b["tensors"].items()], b["checksum"])
+            for b in make_buckets(named_tensors, bucket_mb, device=None)]
+
+
+def nccl_send_buckets(comm, named_tensors, bucket_mb: float) -> int:
+    """Broadcast every tensor, bucket by bucket, in the order of `nccl_plan`. Returns bytes sent."""
+    import torch
+
+    sent = 0
+    for b in make_buckets(named_tensors, bucket_mb, device=None):
+        for t in b["tensors"].values():
+            t = t.to("cuda", non_blocking=True)
+            comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            sent += t.numel() * t.element_size()
+    torch.cuda.synchronize()
+    return sent

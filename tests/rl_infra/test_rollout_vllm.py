@@ -104,7 +104,7 @@ def test_killed_engine_is_restarted_resynced_and_retried(engine, hf_models, toke
     resynced = []
 
     def on_restart(group, ranks):
-        resynced.append(sync.resync(group))
+        resynced.append(sync.resync(group, ranks))
 
     got = call_with_restart(engine, "greedy", PROMPTS, 8, on_restart=on_restart, max_restarts=1)
     assert got == expected

@@ -165,6 +165,19 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
+    # GPU transport: join the actor's NCCL broadcast group, then receive buckets by metadata.
+    @register("broadcast")
+    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
+        """`rank_offset` is this engine's first rank in the group (the sender is rank 0)."""
+        return self.llm.collective_rpc("llmray_nccl_init", args=(master_address, master_port, rank_offset, world_size))
+
+    @register("broadcast")
+    def nccl_receive(self, meta: list) -> dict:
+        reports = self.llm.collective_rpc("llmray_nccl_receive", args=(meta,))
+        sums = {r["checksum"] for r in reports}
+        return {"checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}",
+                "num_tensors": reports[0]["num_tensors"], "bytes": reports[0]["bytes"]}
+
     @register("rank0")
     def tokenizer_info(self) -> dict:
         """What the controller compares across roles (same tokenizer everywhere)."""
