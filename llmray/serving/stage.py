@@ -1,0 +1,157 @@
+"""The `serve` stage: deploy a model on Ray Serve behind an OpenAI-compatible API.
+
+Python API (what the pipeline calls, on an already initialised Ray):
+
+    from llmray.serving.stage import ServeConfig, start
+    handle = start(ServeConfig(model="artifacts/model", port=0))
+    handle.url        # "http://127.0.0.1:PORT/v1" -- point the openai client here
+    handle.api_key    # the bearer key, or None when auth is off
+    handle.shutdown() # graceful: in-flight requests finish (up to deployment.graceful_shutdown_timeout_s)
+
+`run(cfg)` (behind `llmray serve --model DIR` and `jobs/serve.py`) starts Ray when needed, runs the
+release gate when `gate.enabled`, starts the server, prints the URL and blocks until Ctrl-C
+(`block: false` returns at once, leaving the server up).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from llmray.config import replace
+from llmray.errors import UserError
+from llmray.serving.config import (AutoscalingConfig, DeploymentConfig, GateConfig, LimitsConfig,
+                                   ServeConfig)
+from llmray.serving.engine import EngineConfig, check_model_dir
+from llmray.serving.speculative import SpeculativeConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AutoscalingConfig", "DeploymentConfig", "EngineConfig", "GateConfig", "LimitsConfig",
+           "ServeConfig", "ServerHandle", "SpeculativeConfig", "run", "start"]
+
+
+@dataclass
+class ServerHandle:
+    """A running Serve application: its base URL, key, and a graceful `shutdown()`."""
+    url: str
+    api_key: str | None
+    app_name: str
+    model_name: str
+    port: int
+
+    @property
+    def base(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def shutdown(self, timeout_s: float = 120.0) -> None:
+        """Delete the application; Serve stops routing to it and waits for in-flight requests."""
+        from ray import serve
+
+        serve.delete(self.app_name, _blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.app_name not in serve.status().applications:
+                return
+            time.sleep(0.5)
+        log.warning("application %s still shutting down after %.0fs", self.app_name, timeout_s)
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ensure_serve(cfg: ServeConfig) -> int:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port, or reuse a running one; return its port."""
+    from ray import serve
+
+    try:
+        details = serve.context._get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # noqa: BLE001 - no controller yet
+        details = None
+    if details is not None:
+        opts = details.http_config
+        if cfg.port not in (0, opts.port):
+            log.warning("Serve already runs on port %s; ignoring port=%s", opts.port, cfg.port)
+        return opts.port
+    port = cfg.port or free_port(cfg.host)
+    serve.start(http_options={"host": cfg.host, "port": port}, detached=False)
+    return port
+
+
+def start(cfg: ServeConfig) -> ServerHandle:
+    """Deploy `cfg` on the current Ray cluster; return once the model answers /ready."""
+    import httpx
+    from ray import serve
+
+    from llmray.serving.app import build_app
+    from llmray.serving.auth import resolve_api_key
+
+    check_model_dir(cfg.model)
+    port = _ensure_serve(cfg)
+    application = build_app(cfg)
+    serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+    deadline = time.monotonic() + cfg.ready_timeout_s
+    while True:
+        status = serve.status().applications.get(cfg.app_name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"serve application {cfg.app_name} failed to deploy: {status.message}")
+        try:
+            if status is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready after ready_timeout_s={cfg.ready_timeout_s:g}s "
+                               f"(status: {status.status if status else 'none'})")
+        time.sleep(0.5)
+    return ServerHandle(url=base + "/v1", api_key=resolve_api_key(cfg.api_key, cfg.api_key_env),
+                        app_name=cfg.app_name, model_name=cfg.name(), port=port)
+
+
+def run(cfg: ServeConfig) -> dict:
+    """`llmray serve`: (gate) -> start -> print the URL -> block until Ctrl-C -> graceful shutdown."""
+    from llmray.cluster import init_ray
+
+    check_model_dir(cfg.model)
+    init_ray(cfg.ray)
+    decision = None
+    if cfg.gate.enabled:
+        from llmray.serving.gates import apply_gate
+
+        cfg, decision = apply_gate(cfg)
+    handle = start(cfg)
+    print(f"llmray serve: {handle.model_name} at {handle.url}"
+          + (" (API key required)" if handle.api_key else ""), flush=True)
+    result = {"url": handle.url, "model": handle.model_name, "speculative": cfg.engine.speculative.method,
+              "served_model_dir": cfg.model}
+    if decision is not None:
+        result["gate"] = decision
+    if not cfg.block:
+        return result
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("llmray serve: shutting down (draining in-flight requests)", flush=True)
+    finally:
+        handle.shutdown()
+    return result
+
+
+def with_model(cfg: ServeConfig, model: str) -> ServeConfig:
+    if not model:
+        raise UserError("model: required")
+    return replace(cfg, model=model)

@@ -1,0 +1,174 @@
+"""Pure pieces of serving: request schemas, auth, quantization math, gate decision, deployment
+options, engine arguments, metrics parsing, and every shipped serving YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmray.config import ConfigError, build, load
+from llmray.errors import UserError
+from llmray.serving.config import ServeConfig
+from llmray.serving.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_parse_body_names_the_field():
+    with pytest.raises(APIError) as e:
+        parse_body(b'{"prompt": "x", "max_tokens": "5"}', CompletionRequest)
+    assert e.value.status == 400 and e.value.param == "max_tokens"
+    with pytest.raises(APIError) as e:
+        parse_body(b'{"messages": [{"role": "user"}], "temperature": -1}', ChatCompletionRequest)
+    assert e.value.param == "temperature"
+    with pytest.raises(APIError) as e:
+        parse_body(b"not json", CompletionRequest)
+    assert e.value.status == 400 and "JSON" in e.value.message
+    req = parse_body(b'{"prompt": [[1, 2], [3]], "stop": "x", "user": "u", "vendor_extra": 1}', CompletionRequest)
+    assert req.prompts() == [[1, 2], [3]] and req.stops() == ["x"]
+
+
+def test_bearer_check_is_exact():
+    from llmray.serving.auth import check_bearer, is_public
+
+    check_bearer("Bearer k" * 1, None)  # auth off
+    check_bearer("Bearer secret-123", "secret-123")
+    check_bearer("bearer secret-123", "secret-123")
+    for bad in [None, "", "secret-123", "Bearer secret-12", "Bearer secret-1234", "Basic secret-123"]:
+        with pytest.raises(APIError) as e:
+            check_bearer(bad, "secret-123")
+        assert e.value.status == 401
+    assert is_public("/health") and is_public("/ready") and not is_public("/v1/models")
+    assert is_public("/api/health", "/api") and not is_public("/api/metrics", "/api")
+
+
+def test_int8_round_trip_error_is_within_half_a_step():
+    import torch
+
+    from llmray.serving.quantize import dequantize_weight, fake_quant_activations, quantize_weight
+
+    w = torch.randn(64, 48) * torch.linspace(0.01, 3.0, 64)[:, None]  # very different channel ranges
+    q, s = quantize_weight(w, "w8a8_int8")
+    assert q.dtype == torch.int8 and s.shape == (64, 1)
+    err = (dequantize_weight(q, s) - w).abs()
+    assert torch.all(err <= s / 2 + 1e-6)  # round-to-nearest: at most half a step per channel
+    assert q.abs().amax(dim=1).eq(127).all()  # each channel uses its full range
+    x = torch.randn(5, 48)
+    xq = fake_quant_activations(x, "w8a8_int8")
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    assert torch.all((xq - x).abs() <= step / 2 + 1e-6)
+
+
+def test_quantization_config_is_compressed_tensors_w8a8():
+    from llmray.serving.quantize import quantization_config
+
+    c = quantization_config("w8a8_int8", ["lm_head"])
+    assert c["quant_method"] == "compressed-tensors" and c["format"] == "int-quantized"
+    g = c["config_groups"]["group_0"]
+    assert g["weights"]["strategy"] == "channel" and g["weights"]["num_bits"] == 8
+    assert g["input_activations"]["dynamic"] is True and g["input_activations"]["strategy"] == "token"
+    assert c["ignore"] == ["lm_head"]
+
+
+def test_gate_enables_only_what_pays():
+    from llmray.serving.gates import decide
+
+    d = decide(100.0, {"ngram": 180.0, "quantized": 104.0}, 1.05)
+    assert d["enabled"] == "ngram" and d["speedups"] == {"ngram": 1.8, "quantized": 1.04}
+    assert decide(100.0, {"ngram": 90.0}, 1.05)["enabled"] is None
+
+
+def test_deployment_options_bound_the_queue_and_autoscale():
+    from llmray.serving.app import deployment_options
+
+    cfg = build(ServeConfig, {"engine": {"max_num_seqs": 8}, "limits": {"max_queue": 24},
+                              "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
+    o = deployment_options(cfg)
+    assert o["max_ongoing_requests"] > 8 + 24  # the replica, not the proxy, refuses the overflow
+    assert o["max_queued_requests"] == 128
+    assert o["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in o
+    fixed = deployment_options(build(ServeConfig, {}))
+    assert fixed["num_replicas"] == 1
+
+
+def test_engine_kwargs_and_speculative_config(tiny_model_dir, tmp_path):
+    from llmray.serving.engine import EngineConfig, engine_kwargs
+
+    kw = engine_kwargs(str(tiny_model_dir), build(EngineConfig, {"speculative": {"method": "ngram"}}))
+    assert kw["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4,
+                                        "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    assert "speculative_config" not in engine_kwargs(str(tiny_model_dir), EngineConfig())
+    with pytest.raises(ConfigError, match="speculative.draft_model"):
+        build(EngineConfig, {"speculative": {"method": "draft"}})
+    with pytest.raises(UserError, match="draft_model"):
+        engine_kwargs(str(tiny_model_dir), build(EngineConfig, {"speculative": {"method": "draft", "draft_model": str(tmp_path)}}))
+
+
+def test_bad_model_dir_fails_before_any_work(tmp_path):
+    from llmray.serving.app import build_app
+
+    with pytest.raises(UserError, match="model: directory not found"):
+        build_app(build(ServeConfig, {"model": str(tmp_path / "nope")}))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no weights"):
+        build_app(build(ServeConfig, {"model": str(tmp_path)}))
+
+
+def test_serve_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="limits.max_queue"):
+        build(ServeConfig, {"limits": {"max_queue": -1}})
+    with pytest.raises(ConfigError, match="deployment.autoscaling.max_replicas"):
+        build(ServeConfig, {"deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ConfigError, match="gate.quantized_model"):
+        build(ServeConfig, {"gate": {"candidates": ["quantized"]}})
+
+
+def test_metrics_parse_and_sum():
+    from llmray.serving.metrics import ServingMetrics, metric_sum, parse_prometheus
+
+    m = ServingMetrics("m")
+    m.observe_tokens(10)
+    m.observe_engine(running=3, waiting=2, drafted=8, accepted=6)
+    m.observe_engine(running=1, waiting=0, drafted=2, accepted=0)
+    p = parse_prometheus(m.render().decode())
+    assert metric_sum(p, "llmray_generation_tokens_total") == 10
+    assert metric_sum(p, "llmray_queue_length") == 0 and metric_sum(p, "llmray_engine_running_requests") == 1
+    assert metric_sum(p, "llmray_spec_decode_acceptance_rate") == pytest.approx(0.6)
+
+
+def test_stat_logger_reads_vllm_scheduler_stats():
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    from llmray.serving.metrics import ServingMetrics, stat_logger_factory
+
+    m = ServingMetrics("m")
+    logger = stat_logger_factory(m)(None, 0)
+    spec = SpecDecodingStats.new(num_spec_tokens=4)
+    spec.observe_draft(num_draft_tokens=4, num_accepted_tokens=3)
+    logger.record(SchedulerStats(num_running_reqs=2, num_waiting_reqs=5, spec_decoding_stats=spec), None)
+    assert m._accepted == 3 and m._drafted == 4
+
+
+def test_shipped_serving_configs_load():
+    from ray.serve.schema import ServeDeploySchema
+
+    from llmray.serving.quantize import QuantizeConfig
+
+    for path in sorted((ROOT / "jobs/configs/serve").glob("*.yaml")):
+        load(ServeConfig, path)
+    for path in sorted((ROOT / "jobs/configs/quantize").glob("*.yaml")):
+        load(QuantizeConfig, path)
+    serve_yamls = sorted((ROOT / "serving").glob("*.yaml"))
+    assert serve_yamls
+    import yaml
+
+    for path in serve_yamls:
+        data = yaml.safe_load(path.read_text())
+        schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+        for app in schema.applications:
+            assert app.import_path == "llmray.serving.app:app_builder"
+            cfg = build(ServeConfig, app.args)
+            assert cfg.deployment.max_queued_requests >= 1
+            assert cfg.deployment.autoscaling.max_replicas > cfg.deployment.autoscaling.min_replicas
