@@ -143,3 +143,56 @@ def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def iter_chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+def validate_preference(rec: dict) -> str | None:
+    """{"prompt": [messages], "chosen": str, "rejected": str}; identical answers teach nothing."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in rec:
+            return f"missing field {key!r} (preference records need prompt, chosen and rejected)"
+    problem = check_messages(rec["prompt"], "prompt", need_assistant=False)
+    if problem:
+        return problem
+    for key in ("chosen", "rejected"):
+        if not isinstance(rec[key], str) or not rec[key].strip():
+            return f"field {key!r} must be a non-empty string"
+    if rec["chosen"].strip() == rec["rejected"].strip():
+        return "chosen and rejected are identical (the pair carries no preference)"
+    return None
+
+
+def encode_pair(tok, rec: dict) -> dict[str, list[int]]:
+    """chosen/rejected input ids and assistant-only labels of prompt + answer."""
+    c_ids, c_lab = encode_chat(tok, rec["prompt"] + [{"role": "assistant", "content": rec["chosen"]}])
+    r_ids, r_lab = encode_chat(tok, rec["prompt"] + [{"role": "assistant", "content": rec["rejected"]}])
+    return {"chosen_ids": c_ids, "chosen_labels": c_lab, "rejected_ids": r_ids, "rejected_labels": r_lab}
+
+
+def pad_pairs(pairs: list[dict[str, list[int]]], seq_len: int, pad_id: int) -> list[dict[str, list[int]]]:
+    """Right-pad every pair's sequences to seq_len (ids with pad, labels with -100)."""
+    out = []
+    for p in pairs:
+        row = {}
+        for k, v in p.items():
+            fill = IGNORE if k.endswith("labels") else pad_id
+            row[k] = v + [fill] * (seq_len - len(v))
+        out.append(row)
+    return out
+
+
+def preference_rows(path: str | Path, tok, seq_len: int, eval_fraction: float, limit: int | None = None):
+    """(train rows, eval rows, stats) of padded pairs; pairs longer than seq_len are dropped and counted."""
+    recs = read_records(path, validate_preference, limit)
+    pairs, dropped = [], 0
+    for r in recs:
+        p = encode_pair(tok, r)
+        if max(len(p["chosen_ids"]), len(p["rejected_ids"])) > seq_len:
+            dropped += 1
+            continue
+        pairs.append(p)
+    if not pairs:
+        raise UserError(f"every pair in {path} is longer than seq_len={seq_len}; raise seq_len")
+    n_eval = int(len(pairs) * eval_fraction)
+    train, held = pairs[: len(pairs) - n_eval], pairs[len(pairs) - n_eval:]
+    stats = {"pairs": len(recs), "dropped_too_long": dropped, "train_pairs": len(train), "eval_pairs": len(held)}
+    return pad_pairs(train, seq_len, tok.pad_token_id), pad_pairs(held, seq_len, tok.pad_token_id), stats

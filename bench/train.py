@@ -1,0 +1,143 @@
+"""Benchmark: bare single-process PyTorch training loop vs llmray pretrain on 2 Ray Train workers at ZeRO-1/2/3/3+offload.
+
+Same model, global batch, sequence length and steps on both sides; the bare loop uses both cores
+(2 torch threads), llmray uses 2 workers x 1 thread. Prints steady-state tokens/s (median over the
+steps after warm-up), peak RSS per process, and ratios to the bare loop; saves bench/results/train.json.
+
+    .venv/bin/python bench/train.py [--steps 30] [--preset tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "train"))
+
+BARE = r'''
+import json, resource, sys, time, torch
+import pyarrow.parquet as pq
+from pathlib import Path
+from llmray.models.factory import ModelConfig, build_model
+from llmray.models.tokenizer import load_tokenizer
+from llmray.train.deepspeed_config import OptimizerConfig, lr_factor
+from llmray.train.engine import param_groups
+from llmray.train.lm import token_loss_sum
+args = json.loads(sys.argv[1])
+torch.set_num_threads(2)
+tok = load_tokenizer(args["tokenizer"])
+model = build_model(ModelConfig(preset=args["preset"]), tok, seed=0)
+opt_cfg = OptimizerConfig(lr=1e-3, warmup_steps=2)
+opt = torch.optim.AdamW(param_groups(model, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=opt_cfg.betas)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, opt_cfg, args["steps"]))
+rows = []
+for f in sorted(Path(args["dataset"]).glob("shards/*.parquet")):
+    rows += pq.read_table(f).column("input_ids").to_pylist()
+g = args["global_batch"]
+times, losses = [], []
+for step in range(args["steps"]):
+    t0 = time.perf_counter()
+    batch = torch.tensor([rows[(step * g + i) % len(rows)] for i in range(g)], dtype=torch.long)
+    logits = model(input_ids=batch, use_cache=False).logits
+    s, n = token_loss_sum(logits, batch)
+    loss = s / n
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+    opt.step(); sched.step()
+    times.append(time.perf_counter() - t0); losses.append(loss.item())
+print("RESULT" + json.dumps({"step_times": times, "losses": losses,
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
+'''
+
+VARIANTS = {
+    "zero1": ["deepspeed.zero_stage=1"],
+    "zero2": ["deepspeed.zero_stage=2"],
+    "zero3": ["deepspeed.zero_stage=3"],
+    "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady-state figure")
+    a = ap.parse_args()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    from conftest import sample_texts
+    from helpers import write_packed
+
+    from llmray.cluster import RayConfig, init_ray
+    from llmray.config import load
+    from llmray.models.tokenizer import save_tokenizer, train_tokenizer
+    from llmray.report.metrics import read_metrics
+    from llmray.train.pretrain import PretrainConfig, run
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    save_tokenizer(train_tokenizer(sample_texts(1500), vocab_size=1024), work / "tok")
+    write_packed(work / "data", work / "tok", seq_len=a.seq_len, n_rows=a.global_batch * (a.steps + 2), n_shards=2)
+    tokens_per_step = a.global_batch * a.seq_len
+    results: dict[str, dict] = {}
+
+    print(f"bare PyTorch loop: preset {a.preset}, global batch {a.global_batch} x {a.seq_len}, {a.steps} steps, 2 threads",
+          flush=True)
+    args = {"tokenizer": str(work / "tok"), "dataset": str(work / "data"), "preset": a.preset,
+            "steps": a.steps, "global_batch": a.global_batch}
+    p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], capture_output=True, text=True, timeout=1800)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    if not line:
+        sys.exit(f"bare loop failed:\n{p.stderr[-3000:]}")
+    bare = json.loads(line[0][6:])
+    st = statistics.median(bare["step_times"][a.warmup:])
+    results["bare"] = {"tokens_per_s": tokens_per_step / st, "peak_rss_gb": bare["peak_rss_gb"],
+                       "final_loss": bare["losses"][-1], "wall_s": sum(bare["step_times"])}
+
+    init_ray(RayConfig(num_cpus=4))
+    for name, extra in VARIANTS.items():
+        print(f"llmray {name} ...", flush=True)
+        cfg = load(PretrainConfig, None, [
+            f"dataset={work / 'data'}", f"run_dir={work / name}", f"output={work / (name + '_model')}",
+            f"max_steps={a.steps}", f"checkpoint.every_n_steps={a.steps}", f"log_every={a.steps}",
+            f"model.preset={a.preset}", f"deepspeed.micro_batch_size={a.global_batch // 2}",
+            "optimizer.lr=1e-3", "optimizer.warmup_steps=2", "scaling.num_workers=2",
+            "scaling.threads_per_worker=1", *extra])
+        t0 = time.monotonic()
+        out = run(cfg)
+        rows = [r for r in read_metrics(work / name / "metrics.jsonl") if "step_time_s" in r]
+        # The checkpoint step is excluded from steady state (it writes the whole engine state).
+        steady = [r["step_time_s"] for r in rows[a.warmup:-1]] or [r["step_time_s"] for r in rows]
+        results[name] = {"tokens_per_s": tokens_per_step / statistics.median(steady),
+                         "peak_rss_gb": max(r["memory/peak_rss_gb"] for r in rows),
+                         "final_loss": rows[-1]["train/loss"], "wall_s": time.monotonic() - t0,
+                         "mfu": statistics.median(r.get("mfu", 0.0) for r in rows[a.warmup:] or rows)}
+
+    base = results["bare"]["tokens_per_s"]
+    print()
+    print(f"{'run':<16}{'tokens/s':>12}{'vs bare':>10}{'peak RSS/proc GB':>18}{'final loss':>12}{'wall s':>9}")
+    for name, r in results.items():
+        print(f"{name:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base:>9.2f}x{r['peak_rss_gb']:>18.2f}"
+              f"{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
+    print("(steady state: median step time after warm-up; llmray wall time includes Ray Train start-up, "
+          "DeepSpeed init and checkpoint/export)")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+    print(f"saved {out_dir / 'train.json'}")
+
+
+if __name__ == "__main__":
+    main()
