@@ -117,7 +117,7 @@ def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
         "reward-model": {"model": p.sft, "data": f"{p.corpus}/preference", "output": p.reward_model,
                          "run_dir": p.run_dir("reward-model")},
         "ppo": {"model": p.sft, "reward.model": p.reward_model, "prompts": f"{p.corpus}/prompts",
-                "eval_prompts": f"{p.corpus}/eval", "output": p.ppo},
+                "eval_prompts": f"{p.corpus}/eval", "output": p.ppo, "run_dir": p.run_dir("ppo")},
         "quantize": {"model": p.ppo, "output": p.quantize},
         "serve": {"model": p.quantize},
     }
