@@ -15,6 +15,9 @@ can form inside the group (`init_process_group("gloo"|"nccl", init_method="env:/
 Liveness pings and pid queries run in a separate concurrency group, so they answer while a long
 call (generation, a training step) is running; worker methods still run one at a time.
 
+Worker methods named like a group attribute (`call`, `submit`, `alive`, `restart`, `shutdown`,
+`pids`, `role`, ...) are reached with `group.call("name", ...)`.
+
 Errors: a call past its timeout raises `WorkerTimeoutError` (role, method, ranks, timeout); a dead
 actor raises `WorkerDiedError` (role, ranks) so the controller can `restart` it and retry — see
 `call_with_restart`; an exception inside the worker propagates with its own type, with a note
@@ -195,6 +198,9 @@ class WorkerGroup:
                 f"{self.role} rank(s) {e.ranks} did not start within {self.start_timeout_s:.0f}s "
                 f"(resources per worker {self.resources}); check the cluster has them free",
                 self.role, "__init__", e.ranks) from None
+        except WorkerDiedError as e:
+            raise WorkerStartError(f"{self.role} rank(s) {e.ranks} died while starting (out of memory? "
+                                   f"a crash in the engine?): {e}", self.role, "__init__", e.ranks) from e
         except ray.exceptions.RayTaskError as e:
             raise WorkerStartError(f"{self.role} worker failed to start: {e.cause if hasattr(e, 'cause') else e}",
                                    self.role, "__init__", ranks) from e
