@@ -88,9 +88,9 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
     if ray.is_initialized():
         return ray.cluster_resources()
     env = worker_env(cfg.env)
-    runtime_env = {"env_vars": env}
     for k, v in env.items():  # the driver too, so code paths agree on both sides
         os.environ.setdefault(k, v)
+    runtime_env = {"env_vars": _not_set_by_job(env)}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
@@ -129,6 +129,22 @@ def _pin_local_node_to_loopback() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """Drop the variables a submitted job's runtime_env already sets (`ray job submit
+    --runtime-env cluster/runtime_env.yaml`): Ray refuses a driver runtime_env that repeats a job's
+    env var key, and the job's own value should win."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
 
 
 def split_address(address: str) -> tuple[str, int] | None:

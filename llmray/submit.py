@@ -112,7 +112,14 @@ def submit(client, entrypoint: str, *, runtime_env: dict | None = None, submissi
     kwargs = {k: v for k, v in dict(
         entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
         entrypoint_resources=entrypoint_resources, submission_id=submission_id).items() if v is not None}
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, **kwargs)
+    wants = dict(entrypoint_resources or {})
+    if entrypoint_num_gpus:
+        wants["GPU"] = entrypoint_num_gpus
+    if entrypoint_num_cpus:
+        wants["CPU"] = entrypoint_num_cpus
+    # Recorded with the job so that a bounded wait can name what a PENDING job is waiting for.
+    metadata = {"llmray.wants": ", ".join(f"{k}={v:g}" for k, v in sorted(wants.items()))} if wants else None
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata, **kwargs)
     log.info("submitted %s: %s", job_id, entrypoint)
     return job_id
 
@@ -146,12 +153,14 @@ def wait(client, job_id: str, *, timeout_s: float, pending_timeout_s: float | No
 
 
 def _wants(info) -> str:
-    want = dict(info.entrypoint_resources or {})
-    if info.entrypoint_num_gpus:
+    want = dict(getattr(info, "entrypoint_resources", None) or {})
+    if getattr(info, "entrypoint_num_gpus", None):
         want["GPU"] = info.entrypoint_num_gpus
-    if info.entrypoint_num_cpus:
+    if getattr(info, "entrypoint_num_cpus", None):
         want["CPU"] = info.entrypoint_num_cpus
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(want.items()))
+    if want:
+        return ", ".join(f"{k}={v:g}" for k, v in sorted(want.items()))
+    return (getattr(info, "metadata", None) or {}).get("llmray.wants", "")
 
 
 def _timeout_message(job_id: str, status: str, info, elapsed: float, stopped: bool) -> str:

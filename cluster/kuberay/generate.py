@@ -135,10 +135,11 @@ def _shared_overrides(cfg) -> list[str]:
 
 
 def stage_config(stage) -> Path | None:
+    """The config a cluster run uses: default.yaml, else a GPU/large one, else the first shipped."""
     configs = sorted((ROOT / stage.config_dir).glob("*.yaml"))
-    for name in ("default.yaml", "cpu.yaml"):
+    for pick in (lambda n: n == "default.yaml", lambda n: any(t in n for t in ("gpu", "1b", "7b"))):
         for c in configs:
-            if c.name == name:
+            if pick(c.name):
                 return c
     return configs[0] if configs else None
 
