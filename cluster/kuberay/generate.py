@@ -173,10 +173,54 @@ def rayjob(stage) -> dict:
     }
 
 
+def rayservice() -> dict:
+    """The endpoint: the Serve app of serving/gpu_autoscale.yaml (replicas autoscale 1..8, the
+    `gpu-serve` group follows them), model from the shared volume, API key from a Secret.
+
+    The operator must reach the head's dashboard to deploy and watch the Serve app, so here it
+    binds to the pod IP (Kubernetes fills in $(MY_POD_IP)), never 0.0.0.0; networkpolicy.yaml lets
+    only the operator's namespace reach it, and token auth stays on."""
+    serve = yaml.safe_load((ROOT / "serving" / "gpu_autoscale.yaml").read_text())
+    for app in serve["applications"]:
+        app["args"]["model"] = f"{SHARED}/artifacts/model"
+    spec = cluster_spec(("gpu-serve",))
+    head = spec["headGroupSpec"]
+    head["rayStartParams"]["dashboard-host"] = "$(MY_POD_IP)"
+    api_key = {"name": "LLMRAY_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llmray-api-key", "key": "api_key"}}}
+    for group in [head, *spec["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            c["env"].append(api_key)
+    head["template"]["spec"]["containers"][0]["env"].insert(
+        0, {"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": "llmray-serve", "labels": {"app.kubernetes.io/name": "llmray"}},
+        "spec": {"serveConfigV2": Block(yaml.safe_dump(serve, sort_keys=False, width=100)),
+                 "rayClusterConfig": spec},
+    }
+
+
+def networkpolicy() -> dict:
+    """Ray ports of llmray pods: only from llmray pods and the KubeRay operator; Serve (8000) open."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "llmray-ray-ports", "labels": {"app.kubernetes.io/name": "llmray"}},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/created-by": "kuberay-operator"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/created-by": "kuberay-operator"}}},
+                          {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]},
+                {"ports": [{"port": 8000, "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
 def manifests() -> dict[str, str]:
     from llmray import stages
 
-    files = {"raycluster.yaml": raycluster()}
+    files = {"raycluster.yaml": raycluster(), "rayservice.yaml": rayservice(), "networkpolicy.yaml": networkpolicy()}
     for stage in stages.STAGES.values():
         if stage.name in NOT_A_RAYJOB or stage.name == "pipeline":
             continue

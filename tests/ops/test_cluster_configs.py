@@ -92,7 +92,8 @@ def test_kuberay_manifest_structure(path: Path):
             assert key in doc, f"{path.name}: missing {key}"
         assert doc["metadata"].get("name"), f"{path.name}: metadata.name"
         if doc["kind"] not in RAY_KINDS:
-            assert doc["apiVersion"] == "v1" and doc["kind"] in {"PersistentVolumeClaim", "Service", "Secret"}
+            assert (doc["apiVersion"], doc["kind"]) in {("v1", "PersistentVolumeClaim"), ("v1", "Service"),
+                                                        ("networking.k8s.io/v1", "NetworkPolicy")}
             continue
         assert doc["apiVersion"] == "ray.io/v1"
         specs = cluster_lint.ray_cluster_specs(doc)
@@ -110,6 +111,25 @@ def test_kuberay_manifest_structure(path: Path):
             if "gpu" in group:
                 assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, f"{path.name} {group}: GPU limit"
         assert cluster_lint.lint_kuberay(doc) == []
+
+
+def test_rayservice_serves_a_valid_autoscaling_app():
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    (doc,) = _docs(CLUSTER / "kuberay" / "rayservice.yaml")
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    for app in serve.applications:
+        module, attr = app.import_path.split(":")
+        assert hasattr(importlib.import_module(module), attr), app.import_path
+        assert app.args["model"].startswith("/mnt/shared/")
+        assert app.args["deployment"]["autoscaling"]["max_replicas"] > app.args["deployment"]["autoscaling"]["min_replicas"]
+    spec = doc["spec"]["rayClusterConfig"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$(MY_POD_IP)"  # the operator must reach it
+    env = {e["name"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert {"MY_POD_IP", "LLMRAY_API_KEY"} <= env
 
 
 def test_kuberay_rayjobs_name_existing_scripts_and_configs():
