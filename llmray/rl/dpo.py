@@ -166,7 +166,7 @@ def run(cfg: DPOConfig) -> dict:
     from llmray.train.chat_data import preference_rows
     from llmray.train.loop import LoopSpec
     from llmray.train.sft import check_model_dir, load_tokenizer_checked, model_shape
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, ordered_parquet
+    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
 
     hf = check_model_dir(cfg.model)
     ref_dir = cfg.ref_model or cfg.model
@@ -200,7 +200,7 @@ def run(cfg: DPOConfig) -> dict:
         eval_rows = {c: np.asarray(t.column(c).to_pylist()) for c in t.column_names}
     stats["ref_logps_cached"] = cached
     cols = ["chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen", "ref_rejected"]
-    ds = ordered_parquet([str(train_file)], cols)
+    ds = small_dataset(train_file, cols)
     spec = LoopSpec(
         task=DPOTask(init_from=str(Path(cfg.model).resolve()), beta=cfg.beta, label_smoothing=cfg.label_smoothing),
         ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir), num_rows=len(train),

@@ -104,7 +104,7 @@ def run(cfg: RewardModelConfig) -> dict:
     from llmray.train.chat_data import columns, preference_rows, write_rows
     from llmray.train.loop import LoopSpec
     from llmray.train.sft import check_model_dir, load_tokenizer_checked, model_shape
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, ordered_parquet
+    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
 
     hf = check_model_dir(cfg.model)
     tok = load_tokenizer_checked(cfg.model, hf)
@@ -124,7 +124,7 @@ def run(cfg: RewardModelConfig) -> dict:
     check_memory(cfg, shape, cfg.seq_len, copies=2)
     init_ray(cfg.ray)
     run_dir = Path(cfg.run_dir).resolve()
-    ds = ordered_parquet([str(write_rows(train, run_dir / "data" / "train.parquet"))], keep)
+    ds = small_dataset(write_rows(train, run_dir / "data" / "train.parquet"), keep)
     spec = LoopSpec(
         task=RewardTask(init_from=str(Path(cfg.model).resolve()), margin=cfg.margin),
         ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir), num_rows=len(train),

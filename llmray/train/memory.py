@@ -63,8 +63,13 @@ def estimate(
     bf16 = ds.precision == "bf16"
     weight_b = 2 if bf16 else 4
     grad_b = 2 if bf16 else 4
-    opt_b = 12 if bf16 else 8  # fp32 master + m + v, or m + v
+    # fp32 master + m + v. DeepSpeed's ZeRO optimizer keeps its own fp32 partition of the weights even
+    # when training in fp32, so only plain DP (stage 0) in fp32 gets away with m + v.
+    opt_b = 8 if (not bf16 and ds.zero_stage == 0) else 12
     weights = n * weight_b
+    # DeepSpeed flattens the weights into contiguous buffers at initialize: one transient extra copy
+    # (of this rank's partition at ZeRO-3) exists at the peak.
+    flatten = n * weight_b / (w if ds.zero_stage >= 3 else 1)
     grads = t * grad_b
     optim = t * opt_b
     if ds.zero_stage >= 1:
@@ -81,6 +86,7 @@ def estimate(
     act = activations_bytes(shape, ds, seq_len) * copies
     if overhead_gb is None:
         overhead_gb = 1.3 if on_gpu else 0.0
+    weights += flatten
     dev = weights + grads + optim + act
     if on_gpu:
         dev -= host
@@ -100,7 +106,7 @@ def activations_bytes(shape: ModelShape, ds: DeepSpeedConfig, seq_len: int) -> f
         layers = 2 * h * scale * L * b * s + per_layer_token * b * s  # saved inputs + one layer recomputed
     else:
         layers = per_layer_token * b * s * L
-    logits = b * s * v * 4 * 2  # fp32 logits and their gradient
+    logits = b * s * v * 4 * 4  # fp32 logits, their shifted fp32 copy, log-softmax and gradient
     return layers + logits
 
 

@@ -107,7 +107,7 @@ def run(cfg: SFTConfig) -> dict:
     from llmray.train.chat_data import columns, write_rows
     from llmray.train.lm import CausalLMTask
     from llmray.train.loop import LoopSpec
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, ordered_parquet
+    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
 
     hf = check_model_dir(cfg.model)
     tok = load_tokenizer_checked(cfg.model, hf)
@@ -134,7 +134,7 @@ def run(cfg: SFTConfig) -> dict:
     init_ray(cfg.ray)
     run_dir = Path(cfg.run_dir).resolve()
     data_file = write_rows(train_rows, run_dir / "data" / "train.parquet")
-    ds = ordered_parquet([str(data_file)], ["input_ids", "labels", "position_ids"])
+    ds = small_dataset(data_file, ["input_ids", "labels", "position_ids"])
     task = CausalLMTask(tokenizer_dir=str(Path(cfg.model).resolve()), init_from=str(Path(cfg.model).resolve()),
                         seed=cfg.seed, lora=cfg.lora)
     spec = LoopSpec(

@@ -212,6 +212,15 @@ def ordered_parquet(paths: list[str], columns: list[str]) -> "ray.data.Dataset":
     return ray.data.read_parquet(paths, shuffle=None).select_columns(columns)
 
 
+def small_dataset(path: str | Path, columns: list[str]) -> "ray.data.Dataset":
+    """An already-tokenized, small parquet file (SFT / preference rows) put in the object store once:
+    no read tasks in the workers, order fixed (one block)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    return ray.data.from_arrow(pq.read_table(str(path), columns=columns))
+
+
 def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str, Any],
            inputs: list[str], extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loss PNG, then publish run_dir/export as the `model` artifact at cfg.output."""

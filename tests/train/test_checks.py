@@ -106,7 +106,8 @@ def test_memory_estimate_follows_zero_accounting():
     shape = ModelConfig(preset="7b").resolved()
     n = shape.num_params()
     e0 = estimate(shape, DeepSpeedConfig(zero_stage=0, precision="bf16"), 2048, 8, on_gpu=True)
-    assert e0.weights_gb + e0.grads_gb + e0.optimizer_gb == pytest.approx(16 * n / 1024**3)  # 2 + 2 + 12
+    # 2 + 2 + 12 bytes per parameter, plus the transient flattened copy of the bf16 weights (2).
+    assert e0.weights_gb + e0.grads_gb + e0.optimizer_gb == pytest.approx(18 * n / 1024**3)
     e1 = estimate(shape, DeepSpeedConfig(zero_stage=1, precision="bf16"), 2048, 8, on_gpu=True)
     assert e1.optimizer_gb == pytest.approx(e0.optimizer_gb / 8)
     e3 = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16"), 2048, 8, on_gpu=True)

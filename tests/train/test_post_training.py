@@ -105,8 +105,11 @@ def test_dpo_raises_margins_with_cached_reference(ray_cluster, tiny_model_dir, p
     assert rows[-1]["train/reward_margin"] > 0.1 and rows[-1]["train/accuracy"] > 0.5
     assert "eval/accuracy" in out and "eval/reward_margin" in out
     assert out["ref_logps_cached"] is False
-    # The reference log-probs were computed once and are reused by a second run over the same data.
-    from llmray.config import replace
+    # The reference log-probs were computed once; the same reference + data finds them cached.
+    from llmray.models.tokenizer import load_tokenizer
+    from llmray.rl.dpo import with_ref_logps
+    from llmray.train.chat_data import preference_rows
 
-    out2 = run(replace(cfg, max_steps=13))
-    assert out2["ref_logps_cached"] is True
+    train, _, _ = preference_rows(pref_file, load_tokenizer(tiny_model_dir), 96, 0.17)
+    path, cached = with_ref_logps(str(Path(tiny_model_dir).resolve()), train, tmp_path / "dpo" / "data", "train")
+    assert cached and path.is_file()
