@@ -83,6 +83,12 @@ class LLMServer:
         if engine is not None:
             engine.shutdown()
 
+    def pid(self) -> int:
+        """The replica's process id (for operators and the fault-injection test)."""
+        import os
+
+        return os.getpid()
+
     def _auth(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self.api_key)
 

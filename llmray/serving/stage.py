@@ -50,6 +50,8 @@ class ServerHandle:
         """Delete the application; Serve stops routing to it and waits for in-flight requests."""
         from ray import serve
 
+        if self.app_name not in serve.status().applications:
+            return
         serve.delete(self.app_name, _blocking=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -84,8 +86,15 @@ def _ensure_serve(cfg: ServeConfig) -> int:
         if cfg.port not in (0, opts.port):
             log.warning("Serve already runs on port %s; ignoring port=%s", opts.port, cfg.port)
         return opts.port
+    import ray
+
     port = cfg.port or free_port(cfg.host)
-    serve.start(http_options={"host": cfg.host, "port": port}, detached=False)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": port}, detached=False)
+    except (ray.exceptions.ActorDiedError, TimeoutError) as e:
+        # On an overloaded node the controller may replace a proxy that started too slowly; the
+        # controller is up and brings a new proxy on the same port, which start() waits for.
+        log.warning("Serve proxy not ready yet (%s); waiting for its replacement", type(e).__name__)
     return port
 
 
