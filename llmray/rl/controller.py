@@ -96,7 +96,11 @@ class RLRun:
         self.groups["rollout"] = WorkerGroup(
             "rollout", cls, r.num_workers, _res(r.cpus_per_worker, r.gpus_per_worker),
             {"model_dir": self.dirs["actor"], "max_model_len": r.max_model_len, "dtype": r.dtype if r.engine == "vllm" else "float32",
-             "seed": c.seed, **({"enforce_eager": r.enforce_eager, "kv_cache_gb": r.kv_cache_gb} if r.engine == "vllm" else {})},
+             "seed": c.seed, **({"enforce_eager": r.enforce_eager, "kv_cache_gb": r.kv_cache_gb,
+                                 # logprobs of the distribution actually sampled (temperature applied),
+                                 # which is what the actor recomputes with logits / temperature
+                                 "logprobs_mode": "raw_logprobs" if r.temperature == 1.0 else "processed_logprobs"}
+                                if r.engine == "vllm" else {})},
             call_timeout_s=r.call_timeout_s)
         self.sync = WeightSync(c.weight_sync.bucket_mb, c.weight_sync.timeout_s)
         self._start_trainers()

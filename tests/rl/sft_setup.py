@@ -16,7 +16,7 @@ def task_records(n: int, seed: int) -> list[dict]:
 
 def quick_sft(base_dir: str | Path, out_dir: str | Path, steps: int = 150, batch_size: int = 32,
               lr: float = 3e-3, seed: int = 0) -> Path:
-    """Train assistant tokens only (chat template mask) for `steps` AdamW steps; save an HF dir."""
+    """Train the answer tokens for `steps` AdamW steps; save an HF dir."""
     import torch
 
     from llmray.models.factory import load_pretrained, save_pretrained
@@ -27,20 +27,25 @@ def quick_sft(base_dir: str | Path, out_dir: str | Path, steps: int = 150, batch
     records = task_records(steps * batch_size, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
+    # Prompt as the rollout engine sees it (chat template + generation prompt), then the answer's
+    # tokens and EOS: exactly the sequences RL will sample, loss on the answer only.
+    seqs = []
+    for r in records:
+        p = tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"]
+        a = tok.encode(r["messages"][-1]["content"], add_special_tokens=False) + [tok.eos_token_id]
+        seqs.append((list(p), a))
     for step in range(steps):
-        rows = records[step * batch_size:(step + 1) * batch_size]
-        enc = [tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
-                                       return_assistant_tokens_mask=True) for r in rows]
-        L = max(len(e["input_ids"]) for e in enc)
-        ids = torch.full((len(enc), L), tok.pad_token_id)
-        labels = torch.full((len(enc), L), -100)
-        att = torch.zeros(len(enc), L, dtype=torch.long)
-        for i, e in enumerate(enc):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
+        rows = seqs[step * batch_size:(step + 1) * batch_size]
+        L = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), L), tok.pad_token_id)
+        labels = torch.full((len(rows), L), -100)
+        att = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, (p, a) in enumerate(rows):
+            n = len(p) + len(a)
+            ids[i, :n] = torch.tensor(p + a)
             att[i, :n] = 1
-            m = torch.tensor(e["assistant_masks"]).bool()
-            labels[i, :n] = torch.where(m, torch.tensor(e["input_ids"]), torch.tensor(-100))
+            labels[i, len(p):n] = torch.tensor(a)
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         opt.zero_grad()
         loss.backward()

@@ -1,0 +1,166 @@
+"""RLHF benchmark: (a) rollout tokens/s of a vLLM RolloutWorker vs an HFRolloutWorker (batched
+transformers `generate`) inside the same kind of Ray actor, same model and prompts; (b) the time
+of one PPO step split by phase (generation, scoring, ref, actor logprobs, critic, training,
+weight sync) from a short run of the real controller, and weight sync's share of the step.
+
+    python bench/rlhf.py                          # small preset (~11M params), 64 prompts x 64 tokens
+    python bench/rlhf.py --preset tiny --prompts 32 --max-tokens 32 --ppo-steps 3
+Results: bench/results/rlhf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_models(work: Path, preset: str) -> tuple[Path, Path]:
+    """A tokenizer trained on task text and an untrained `preset` model (throughput only)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import sample_texts
+
+    from llmray.models.factory import ModelConfig, build_model, save_pretrained
+    from llmray.models.tokenizer import save_tokenizer, train_tokenizer
+
+    model_dir = work / f"model_{preset}"
+    if not (model_dir / "config.json").is_file():
+        tok = train_tokenizer(sample_texts(1500), vocab_size=1024)
+        save_tokenizer(tok, work / "tokenizer")
+        save_pretrained(build_model(ModelConfig(preset=preset), tok, seed=0), tok, model_dir)
+    prompts = work / "corpus"
+    if not (prompts / "prompts").is_dir():
+        from llmray.data import tasks
+
+        for split, n, seed in (("prompts", 512, 1), ("eval", 32, 2)):
+            (prompts / split).mkdir(parents=True, exist_ok=True)
+            rng = random.Random(seed)
+            with (prompts / split / "part-00000.jsonl").open("w") as f:
+                for _ in range(n):
+                    f.write(json.dumps(tasks.prompt_record(tasks.make_task(rng))) + "\n")
+    return model_dir, prompts
+
+
+def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats: int) -> dict:
+    """Tokens/s of each engine in a one-worker rollout group (1 CPU), fixed-length generations."""
+    from transformers import AutoTokenizer
+
+    from llmray.data import tasks
+    from llmray.rl.worker_group import WorkerGroup
+    from llmray.rl.workers.rollout import HFRolloutWorker, RolloutWorker
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    prompts = [tok.apply_chat_template(tasks.make_task(rng).messages(), add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for _ in range(n_prompts)]
+    # ignore_eos: every response is exactly max_tokens long, so both engines do the same work.
+    sampling = {"n": 1, "temperature": 1.0, "max_tokens": max_tokens, "ignore_eos": True, "seed": 0}
+    out = {}
+    for name, cls, kw in (("vllm", RolloutWorker, {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_gb": 1}),
+                          ("hf", HFRolloutWorker, {"dtype": "float32", "batch_size": n_prompts})):
+        t0 = time.perf_counter()
+        g = WorkerGroup("rollout", cls, 1, {"CPU": 1}, {"model_dir": str(model_dir), "max_model_len": 512, **kw})
+        start_s = time.perf_counter() - t0
+        try:
+            g.generate(prompts[:4], {**sampling, "max_tokens": 4})  # warm-up (compile, allocator)
+            runs = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                res = g.generate(prompts, sampling)
+                runs.append((sum(len(r["response_ids"]) for r in res), time.perf_counter() - t))
+        finally:
+            g.shutdown()
+        tokens = sum(n for n, _ in runs)
+        secs = sum(s for _, s in runs)
+        out[name] = {"tokens_per_s": tokens / secs, "tokens": tokens, "seconds": secs, "start_s": start_s}
+        print(f"  {name:5s} {tokens / secs:9.1f} tok/s  ({tokens} tokens in {secs:.1f}s, start {start_s:.1f}s)", flush=True)
+    out["ratio_vllm_over_hf"] = out["vllm"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    return out
+
+
+PHASES = ("generation", "scoring", "ref", "actor_logprobs", "critic", "training", "weight_sync")
+
+
+def ppo_step_phases(model_dir: Path, corpus: Path, work: Path, steps: int, max_tokens: int) -> dict:
+    """Run the real PPO controller for `steps` steps and average each phase over steps 2..N
+    (step 1 includes first-call warm-ups)."""
+    from llmray.config import load
+    from llmray.report.metrics import read_metrics
+    from llmray.rl.controller import RLConfig, run
+
+    run_dir = work / "ppo_run"
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = load(RLConfig, None, [
+        f"model={model_dir}", f"prompts={corpus}", f"run_dir={run_dir}", f"output={work / 'ppo_model'}",
+        f"steps={steps}", "eval_every=-1", "save_model=false", "checkpoint.every_n_steps=1000",
+        "algo.algorithm=ppo", "algo.n_samples=4", "algo.prompts_per_step=8", "algo.minibatch_size=16",
+        f"rollout.max_tokens={max_tokens}", "rollout.max_model_len=256", "rollout.cpus_per_worker=1",
+        "actor.cpus_per_worker=1", "critic.cpus_per_worker=0.5", "ref.cpus_per_worker=0.25", "reward.cpus_per_worker=0.25",
+    ])
+    run(cfg)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/step_s" in r]
+    use = rows[1:] or rows
+    phases = {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in use) for p in PHASES}
+    step_s = statistics.mean(r["time/step_s"] for r in use)
+    out = {"steps_measured": len(use), "step_s": step_s, "phases_s": phases,
+           "weight_sync_share": phases["weight_sync"] / step_s,
+           "weight_sync_bytes": use[-1].get("weight_sync/bytes"),
+           "rollout_tokens_per_step": statistics.mean(r["rollout/tokens"] for r in use)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ppo-steps", type=int, default=4)
+    ap.add_argument("--ppo-max-tokens", type=int, default=32)
+    ap.add_argument("--work", default=str(ROOT / ".cache" / "bench_rlhf"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from llmray.cluster import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=4))
+    model_dir, corpus = build_models(work, args.preset)
+    from llmray.models.factory import load_pretrained
+
+    n_params = sum(p.numel() for p in load_pretrained(model_dir)[0].parameters())
+    print(f"model: {args.preset} preset, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.max_tokens} tokens")
+    print("(a) rollout throughput, one worker, 1 CPU each:", flush=True)
+    a = rollout_throughput(model_dir, args.prompts, args.max_tokens, args.repeats)
+    print(f"(b) PPO step phases, {args.ppo_steps} steps of 8 prompts x 4 samples x {args.ppo_max_tokens} tokens:", flush=True)
+    b = ppo_step_phases(model_dir, corpus, work, args.ppo_steps, args.ppo_max_tokens)
+
+    print()
+    print(f"{'rollout engine':<16}{'tokens/s':>12}{'start s':>10}")
+    for name in ("vllm", "hf"):
+        print(f"{name:<16}{a[name]['tokens_per_s']:>12.1f}{a[name]['start_s']:>10.1f}")
+    print(f"ratio vLLM / HF generate: {a['ratio_vllm_over_hf']:.2f}x  (target >= 5x)")
+    print()
+    print(f"{'PPO phase':<16}{'seconds':>10}{'share':>9}")
+    for p, s in b["phases_s"].items():
+        print(f"{p:<16}{s:>10.3f}{s / b['step_s']:>9.1%}")
+    print(f"{'step':<16}{b['step_s']:>10.3f}")
+    print(f"weight sync share of the step: {b['weight_sync_share']:.1%}  (target <= 10%; "
+          f"{(b['weight_sync_bytes'] or 0) / 2**20:.1f} MiB per push)")
+    res = ROOT / "bench" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "rlhf.json").write_text(json.dumps({"preset": args.preset, "params": n_params, "args": vars(args),
+                                                "rollout": a, "ppo_step": b}, indent=2))
+    print(f"saved {res / 'rlhf.json'}")
+
+
+if __name__ == "__main__":
+    main()
