@@ -126,3 +126,10 @@ def test_bucket_edges_stars_and_exact_reason():
     labels = graph.init_labels(adj)
     rem = graph.removals(adj, labels)
     assert dict(zip(rem["id"].to_pylist(), rem["reason"].to_pylist())) == {"b": "exact_dup", "c": "near_dup"}
+
+
+def test_bucket_edges_all_pairs_for_verification():
+    rows = pa.table({"kind": pa.array([1, 1, 1], pa.int8()), "key": pa.array([5, 5, 5], pa.uint64()),
+                     "id": ["c", "a", "b"]})
+    edges, _ = graph.bucket_edges(rows, all_pairs_max=8)
+    assert sorted(zip(edges["node"].to_pylist(), edges["nbr"].to_pylist())) == [("a", "b"), ("a", "c"), ("b", "c")]

@@ -60,8 +60,10 @@ def partition_keys(rows: pa.Table, p: int) -> list[pa.Table]:
     return split(rows, part, p)
 
 
-def bucket_edges(rows: pa.Table) -> tuple[pa.Table, dict]:
-    """Star edges (smallest id -> member) of every bucket holding more than one id."""
+def bucket_edges(rows: pa.Table, all_pairs_max: int = 0) -> tuple[pa.Table, dict]:
+    """Star edges (smallest id -> member) of every bucket holding more than one id. Buckets of at
+    most `all_pairs_max` ids give every pair instead: when candidate pairs are verified, a star
+    through a false positive would lose the true pairs among the other members."""
     if rows.num_rows == 0:
         return _EDGE_SCHEMA.empty_table(), {"buckets": 0, "max_bucket": 0}
     agg = rows.group_by(["kind", "key"]).aggregate([("id", "min"), ("id", "count_distinct")])
@@ -69,10 +71,17 @@ def bucket_edges(rows: pa.Table) -> tuple[pa.Table, dict]:
     stats = {"buckets": agg.num_rows, "max_bucket": int(pc.max(agg["id_count_distinct"]).as_py() or 0)}
     if agg.num_rows == 0:
         return _EDGE_SCHEMA.empty_table(), stats
-    members = rows.join(agg.select(["kind", "key", "id_min"]), keys=["kind", "key"], join_type="inner")
-    members = members.filter(pc.not_equal(members["id"], members["id_min"]))
-    edges = pa.table({"node": members["id_min"], "nbr": members["id"],
-                      "exact": pc.equal(members["kind"], EXACT)})
+    members = rows.join(agg.select(["kind", "key", "id_min", "id_count_distinct"]), keys=["kind", "key"],
+                        join_type="inner")
+    small = pc.less_equal(members["id_count_distinct"], all_pairs_max)
+    star = members.filter(pc.and_(pc.invert(small), pc.not_equal(members["id"], members["id_min"])))
+    edges = pa.table({"node": star["id_min"], "nbr": star["id"], "exact": pc.equal(star["kind"], EXACT)})
+    if all_pairs_max > 1:
+        m = members.filter(small).select(["kind", "key", "id"])
+        pairs = m.join(m, keys=["kind", "key"], join_type="inner", left_suffix="_a", right_suffix="_b")
+        pairs = pairs.filter(pc.less(pairs["id_a"], pairs["id_b"]))
+        edges = pa.concat_tables([edges, pa.table({"node": pairs["id_a"], "nbr": pairs["id_b"],
+                                                   "exact": pc.equal(pairs["kind"], EXACT)})])
     # One edge per pair; exact if any bucket joining them was an exact bucket.
     edges = edges.group_by(["node", "nbr"]).aggregate([("exact", "any")]).rename_columns(["node", "nbr", "exact"])
     return edges.select(["node", "nbr", "exact"]).cast(_EDGE_SCHEMA), stats
