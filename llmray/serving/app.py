@@ -168,7 +168,10 @@ class LLMServer:
             req = parse_body(await self._body(request), cls)
             self._check_model(req.model)
             plan_fn = gen.plan_chat if cls is ChatCompletionRequest else gen.plan_completion
-            plan = plan_fn(req, self.tok, self.vocab, self.max_model_len, self.cfg.limits)
+            try:
+                plan = plan_fn(req, self.tok, self.vocab, self.max_model_len, self.cfg.limits)
+            except ValueError as e:  # vLLM's SamplingParams rejected a combination of parameters
+                raise APIError(400, f"invalid sampling parameters: {e}", None) from None
             timeout_s = self._timeout_s(request)
         except APIError as e:
             self._count(route, e.status, e.type)
