@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "train"))
+sys.path.insert(0, str(ROOT / "tests"))  # first: its conftest (sample_texts) wins over tests/train's
 
 BARE = r'''
 import json, resource, sys, time, torch

@@ -75,10 +75,13 @@ def param_groups(model: "torch.nn.Module", weight_decay: float) -> list[dict[str
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # No empty group: DeepSpeed's ZeRO optimizer drops them, and the LR scheduler's per-group lists
+    # would no longer line up (LoRA has only matrices, for example).
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(

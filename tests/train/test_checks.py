@@ -46,6 +46,7 @@ def test_param_groups_decay_only_matrices(tiny_model_dir):
 
     model, _ = load_pretrained(tiny_model_dir)
     decay, no_decay = param_groups(model, 0.1)
+    assert len(param_groups(model.model.layers[0].mlp, 0.1)) == 1  # only matrices: no empty group
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(no_decay["params"]) == 2 * model.config.num_hidden_layers + 1  # RMSNorm weights
