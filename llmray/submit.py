@@ -173,10 +173,11 @@ def _timeout_message(job_id: str, status: str, info, elapsed: float, stopped: bo
 
 
 def submit_stage(stage_name: str, config: str | None, *, address: str, overrides: list[str] | tuple[str, ...] = (),
-                 runtime_env: dict | None = None, timeout_s: float = 3600.0, token: str | None = None,
-                 **resources) -> JobRun:
+                 runtime_env: dict | None = None, timeout_s: float = 3600.0, pending_timeout_s: float = 120.0,
+                 token: str | None = None, **resources) -> JobRun:
     """Submit `jobs/<stage>.py --config …` with `runtime_env` (default: cluster/runtime_env.yaml
-    with the checkout as working_dir) and wait, bounded, for it to end."""
+    with the checkout as working_dir) and wait, bounded, for it to end: at most `pending_timeout_s`
+    for the cluster to start it (an autoscaler adding a node counts) and `timeout_s` in all."""
     from llmray import stages
 
     entrypoint = stage_entrypoint(stage_name, config, overrides)
@@ -185,4 +186,4 @@ def submit_stage(stage_name: str, config: str | None, *, address: str, overrides
         runtime_env = load_runtime_env(root / RUNTIME_ENV, working_dir=str(root))
     client = job_client(address, token=token)
     job_id = submit(client, entrypoint, runtime_env=runtime_env, **resources)
-    return wait(client, job_id, timeout_s=timeout_s)
+    return wait(client, job_id, timeout_s=timeout_s, pending_timeout_s=pending_timeout_s)

@@ -1,0 +1,143 @@
+"""Jobs submitted through the Ray Jobs API to a real two-node cluster on this machine (token auth on):
+work runs on both nodes, stage jobs succeed with readable logs, auth is enforced, and bad input
+(missing config, resources no node has) ends in a clear error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmray.cluster import ClusterError
+from llmray.submit import job_client, load_runtime_env, submit, wait
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def client(two_node_cluster):
+    return job_client(two_node_cluster.dashboard_url, token=two_node_cluster.token)
+
+
+@pytest.fixture(scope="module")
+def runtime_env():
+    # The shared runtime_env minus pip: this machine is offline and .venv already has the pins.
+    return load_runtime_env(ROOT / "cluster" / "runtime_env.yaml", pip=False, working_dir=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def jobs(client, runtime_env, tmp_path_factory):
+    """Submit everything at once (drivers need no CPU), so the jobs overlap instead of queueing."""
+    out = tmp_path_factory.mktemp("artifacts")
+    ids = {
+        "smoke": submit(client, "python cluster/smoke.py --tasks 6 --task-s 1.0 --min-nodes 2", runtime_env=runtime_env),
+        # The data job: generate a corpus, then clean and deduplicate it with Ray Data on the cluster.
+        "data": submit(client, " && ".join([
+            f"python jobs/corpus.py --config jobs/configs/corpus/tiny.yaml output={out}/corpus",
+            (f"python jobs/clean_dedup.py --config jobs/configs/clean_dedup/tiny_cpu.yaml "
+             f"input={out}/corpus/docs output={out}/clean ray.resource_wait_s=60"),
+        ]), runtime_env=runtime_env),
+        "missing_config": submit(client, "python jobs/corpus.py --config jobs/configs/corpus/nope.yaml",
+                                 runtime_env=runtime_env),
+    }
+    return ids, out
+
+
+def test_fan_out_runs_on_both_nodes(two_node_cluster, client, jobs):
+    run = wait(client, jobs[0]["smoke"], timeout_s=JOB_TIMEOUT_S)
+    assert run.ok, run.logs[-2000:]
+    report = json.loads(re.search(r"^SMOKE (.*)$", run.logs, re.MULTILINE).group(1))
+    nodes = {n["node_id"] for n in two_node_cluster.alive_nodes()}
+    assert len(nodes) == 2
+    assert set(report["task_nodes"]) == nodes, "tasks ran on both nodes"
+    assert sum(report["tasks_per_node"].values()) == 6
+    assert report["cluster_resources"]["CPU"] == 2.0
+
+
+def test_data_job_succeeds_with_readable_logs(client, jobs):
+    ids, out = jobs
+    run = wait(client, ids["data"], timeout_s=JOB_TIMEOUT_S)
+    assert run.ok, run.logs[-3000:]
+    # Both stages printed their result JSON; the artifacts are complete on the shared path.
+    assert '"documents": 600' in run.logs and '"documents_in": 600' in run.logs
+    from llmray import artifacts
+
+    assert artifacts.require(out / "corpus", "corpus").metrics["documents"] == 600
+    start = run.logs.index('{\n  "output": "' + str(out / "clean"))
+    clean, _ = json.JSONDecoder().raw_decode(run.logs, start)
+    assert clean["removed_duplicates"] > 0 and clean["documents_out"] < 600
+    assert (out / "clean" / "manifest.json").is_file()
+    info = client.get_job_info(ids["data"])
+    assert info.runtime_env["working_dir"].startswith("gcs://"), "the checkout was shipped as working_dir"
+
+
+def test_training_job_on_the_cleaned_data(client, runtime_env, jobs):
+    """A second job trains the BPE tokenizer on the data job's output, through the shared path."""
+    ids, out = jobs
+    assert wait(client, ids["data"], timeout_s=JOB_TIMEOUT_S).ok
+    job_id = submit(client, f"python jobs/tokenizer.py --config jobs/configs/tokenizer/tiny.yaml "
+                            f"corpus={out}/clean/docs output={out}/tokenizer", runtime_env=runtime_env)
+    run = wait(client, job_id, timeout_s=JOB_TIMEOUT_S)
+    assert run.ok, run.logs[-3000:]
+    assert '"vocab_size": 1024' in run.logs
+    from llmray import artifacts
+
+    m = artifacts.require(out / "tokenizer", "tokenizer").metrics
+    assert m["vocab_size"] == 1024 and m["chars_per_token"] > 2.0
+
+
+def test_missing_config_fails_the_job_naming_the_path(client, jobs):
+    run = wait(client, jobs[0]["missing_config"], timeout_s=JOB_TIMEOUT_S)
+    assert run.status == "FAILED"
+    assert "config file not found: jobs/configs/corpus/nope.yaml" in run.logs
+    assert "Traceback" not in run.logs, "a user error is one line, not a traceback"
+
+
+def test_job_asking_for_gpus_reports_pending_resource_and_is_stopped(client, runtime_env):
+    job_id = submit(client, "python -c 'print(1)'", runtime_env={"env_vars": runtime_env["env_vars"]},
+                    entrypoint_num_gpus=1)
+    with pytest.raises(ClusterError, match=r"still PENDING after \d+s: waiting for entrypoint resources GPU=1"):
+        wait(client, job_id, timeout_s=60, pending_timeout_s=3, stop_on_timeout=True)
+    final = wait(client, job_id, timeout_s=60)
+    assert final.status == "STOPPED"
+
+
+# --- token auth ------------------------------------------------------------------------------
+
+def test_jobs_api_refuses_requests_without_the_token(two_node_cluster):
+    import httpx
+
+    body = {"entrypoint": "echo pwned"}
+    url = f"{two_node_cluster.dashboard_url}/api/jobs/"
+    assert httpx.post(url, json=body, timeout=10).status_code == 401
+    bad = {"Authorization": "Bearer " + "0" * 48}
+    assert httpx.post(url, json=body, headers=bad, timeout=10).status_code == 403
+    assert httpx.get(url, headers=bad, timeout=10).status_code == 403
+    ok = httpx.get(url, headers=two_node_cluster.auth_headers, timeout=10)
+    assert ok.status_code == 200 and all(j["entrypoint"] != "echo pwned" for j in ok.json())
+
+
+def test_sdk_with_a_wrong_token_is_refused(two_node_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.raises(Exception, match=r"(?i)403|forbidden|invalid authentication token"):
+        c = JobSubmissionClient(two_node_cluster.dashboard_url, headers={"Authorization": "Bearer wrong"})
+        c.submit_job(entrypoint="echo pwned")
+
+
+def test_ray_job_submit_cli_without_token_is_refused(two_node_cluster):
+    env = two_node_cluster.node_env(with_token=False)  # HOME without ~/.ray/auth_token
+    r = subprocess.run([two_node_cluster.env["PATH"].split(":")[0] + "/ray", "job", "submit", "--address",
+                        two_node_cluster.dashboard_url, "--no-wait", "--", "echo", "pwned"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert r.returncode != 0
+    assert re.search(r"(?i)token authentication", r.stdout + r.stderr), r.stderr[-1500:]
+    import httpx
+
+    listed = httpx.get(f"{two_node_cluster.dashboard_url}/api/jobs/", headers=two_node_cluster.auth_headers,
+                       timeout=10).json()
+    assert all("pwned" not in j["entrypoint"] for j in listed), "no job was created"
