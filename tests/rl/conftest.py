@@ -1,5 +1,5 @@
-"""Fixtures for the RL algorithm tests: one SFT'd tiny model per session (TEST SETUP, plain torch),
-RL prompt files, and a helper to build a small RLConfig that fits the 4-CPU test cluster."""
+"""Fixtures for the RL algorithm tests: one SFT'd tiny model per session (TEST SETUP, plain torch)
+and RL prompt files. `rl_helpers.small_config` builds an RLConfig that fits the 4-CPU test cluster."""
 
 from __future__ import annotations
 
@@ -35,17 +35,3 @@ def rl_prompts(tmp_path_factory) -> Path:
                 f.write(json.dumps(tasks.prompt_record(tasks.make_task(rng))) + "\n")
     return root
 
-
-def small_config(model: Path, prompts: Path, out: Path, *overrides: str):
-    """A CPU-sized RLConfig: one vLLM engine, 1-CPU actor, fractional critic/ref/reward."""
-    from llmray.config import load
-    from llmray.rl.controller import RLConfig
-
-    base = [
-        f"model={model}", f"prompts={prompts}", f"output={out / 'model'}", f"run_dir={out / 'run'}",
-        "steps=4", "num_eval=48", "algo.n_samples=4", "algo.prompts_per_step=8", "algo.minibatch_size=16",
-        "rollout.max_tokens=12", "rollout.max_model_len=128", "rollout.cpus_per_worker=1",
-        "actor.cpus_per_worker=1", "critic.cpus_per_worker=0.5", "ref.cpus_per_worker=0.25",
-        "reward.cpus_per_worker=0.25", "checkpoint.every_n_steps=2", "save_model=false",
-    ]
-    return load(RLConfig, None, base + list(overrides))

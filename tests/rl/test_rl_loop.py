@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+sys.path.insert(0, str(Path(__file__).parent))
+from rl_helpers import small_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
