@@ -79,19 +79,23 @@ print("RESULT " + json.dumps({"step_s": steps, "gen_s": Timed.gen_s, "reward": [
 
 
 def prepare(work: Path, sft_steps: int) -> tuple[Path, Path]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "tests" / "rl"))
+    import importlib.util
     import random
-
-    from conftest import sample_texts
-    from sft_setup import quick_sft
 
     from llmray.data import tasks
     from llmray.models.factory import ModelConfig, build_model, save_pretrained
     from llmray.models.tokenizer import save_tokenizer, train_tokenizer
 
+    def from_file(name: str, path: Path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
     sft = work / "sft"
     if not (sft / "config.json").is_file():
+        sample_texts = from_file("llmray_tests_conftest", ROOT / "tests" / "conftest.py").sample_texts
+        quick_sft = from_file("llmray_rl_sft_setup", ROOT / "tests" / "rl" / "sft_setup.py").quick_sft
         tok = train_tokenizer(sample_texts(), vocab_size=1024)
         save_tokenizer(tok, work / "tokenizer")
         save_pretrained(build_model(ModelConfig(preset="tiny"), tok, seed=0), tok, work / "base")
