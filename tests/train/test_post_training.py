@@ -26,9 +26,16 @@ def chat_file(tmp_path_factory) -> Path:
 def pref_file(tmp_path_factory) -> Path:
     from llmray.data import tasks
 
+    # Chosen: the gold answer; rejected: an off-format reply. Learnable by a tiny model in a few steps
+    # (a wrong number in the right format is not, within this budget).
     rng = random.Random(2)
     f = tmp_path_factory.mktemp("pref") / "part-00000.jsonl"
-    f.write_text("".join(json.dumps(tasks.preference_record(tasks.make_task(rng), rng)) + "\n" for _ in range(96)))
+    bad = ["no idea", "I cannot say that.", "maybe later", "banana banana banana"]
+    recs = []
+    for _ in range(96):
+        rec = tasks.preference_record(tasks.make_task(rng), rng)
+        recs.append({**rec, "rejected": rng.choice(bad)})
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return f
 
 
@@ -77,13 +84,13 @@ def test_reward_model_pairwise_training(ray_cluster, tiny_model_dir, pref_file, 
     rows = _rows(tmp_path / "rm")
     first = sum(r["train/loss"] for r in rows[:4]) / 4
     last = sum(r["train/loss"] for r in rows[-4:]) / 4
-    assert last < first, (first, last)
-    assert 0.0 <= out["eval/accuracy"] <= 1.0 and "eval/margin" in out
+    assert last < first - 0.1, (first, last)
+    assert out["eval/accuracy"] >= 0.75 and out["eval/margin"] > 0
     model, tok = load_reward_model(tmp_path / "rm_model")
     assert model.config.num_labels == 1
-    ids = tok.apply_chat_template([{"role": "user", "content": "add 2 3"},
-                                   {"role": "assistant", "content": "The answer is 5."}], tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = list(tok.apply_chat_template([{"role": "user", "content": "add 2 3"},
+                                        {"role": "assistant", "content": "The answer is 5."}],
+                                       tokenize=True, return_dict=True)["input_ids"])
     with torch.no_grad():
         r = model(input_ids=torch.tensor([ids])).logits[0, 0]
         padded = model(input_ids=torch.tensor([ids + [tok.pad_token_id] * 7])).logits[0, 0]
