@@ -114,7 +114,7 @@ def test_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root, 
     from llmray.train import checkpoint as ck
     from llmray.train.pretrain import run
 
-    steps = 80  # > one epoch (64 chunks of 4 x 2 rows): the data position wraps too
+    steps = 30  # kill after step 13 (checkpoint at 10); steps 11-13 are replayed after the restart
     cfg = replace(_cfg(root, "killed", packed_dataset, ["deepspeed.zero_stage=2", "max_failures=1",
                                                         "checkpoint.every_n_steps=10"]), max_steps=steps)
     run_dir = root / "killed"
