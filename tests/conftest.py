@@ -31,9 +31,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster bound to 127.0.0.1, shared by the whole session."""
+    import ray
+
     from llmray.cluster import RayConfig, init_ray, shutdown_ray
 
-    resources = init_ray(RayConfig(num_cpus=4, object_store_memory_gb=2.0))
+    # Retried: on a loaded machine the raylet can miss Ray's fixed 30 s registration window
+    # ("node timed out during startup"), and one failed start would error every Ray test.
+    for attempt in range(4):
+        try:
+            resources = init_ray(RayConfig(num_cpus=4, object_store_memory_gb=2.0))
+            break
+        except Exception:
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt == 3:
+                raise
     yield resources
     shutdown_ray()
 

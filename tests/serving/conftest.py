@@ -11,27 +11,6 @@ API_KEY = "test-key-0123456789"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """The root fixture's cluster (joined if already up), retried: on a loaded machine the raylet
-    can miss Ray's fixed 30 s registration window ("node timed out during startup")."""
-    import ray
-
-    from llmray.cluster import RayConfig, init_ray, shutdown_ray
-
-    for attempt in range(5):
-        try:
-            resources = init_ray(RayConfig(num_cpus=4, object_store_memory_gb=2.0))
-            break
-        except Exception:  # noqa: BLE001 - retried, then re-raised
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == 4:
-                raise
-    yield resources
-    shutdown_ray()
-
-
-@pytest.fixture(scope="session")
 def server(ray_cluster, tiny_model_dir):
     """The shared server. Limits are small so overload is reachable: 16 engine slots + 56 queued."""
     from llmray.config import build
