@@ -31,19 +31,23 @@ def runtime_env():
 
 @pytest.fixture(scope="module")
 def jobs(client, runtime_env, tmp_path_factory):
-    """Submit everything at once (drivers need no CPU), so the jobs overlap instead of queueing."""
+    """Submit the jobs one after another. They share the checkout's working_dir package, and with
+    Ray 2.60 a job that ended while another was running took that package away from it (the
+    running job's `os.getcwd()` failed), so they do not overlap."""
     out = tmp_path_factory.mktemp("artifacts")
-    ids = {
-        "smoke": submit(client, "python cluster/smoke.py --tasks 6 --task-s 1.0 --min-nodes 2", runtime_env=runtime_env),
-        # The data job: generate a corpus, then clean and deduplicate it with Ray Data on the cluster.
-        "data": submit(client, " && ".join([
-            f"python jobs/corpus.py --config jobs/configs/corpus/tiny.yaml output={out}/corpus",
-            (f"python jobs/clean_dedup.py --config jobs/configs/clean_dedup/tiny_cpu.yaml "
-             f"input={out}/corpus/docs output={out}/clean ray.resource_wait_s=60"),
-        ]), runtime_env=runtime_env),
-        "missing_config": submit(client, "python jobs/corpus.py --config jobs/configs/corpus/nope.yaml",
-                                 runtime_env=runtime_env),
-    }
+    ids = {}
+    ids["smoke"] = submit(client, "python cluster/smoke.py --tasks 6 --task-s 1.0 --min-nodes 2",
+                          runtime_env=runtime_env)
+    wait(client, ids["smoke"], timeout_s=JOB_TIMEOUT_S)
+    # The data job: generate a corpus, then clean and deduplicate it with Ray Data on the cluster.
+    ids["data"] = submit(client, " && ".join([
+        f"python jobs/corpus.py --config jobs/configs/corpus/tiny.yaml output={out}/corpus",
+        (f"python jobs/clean_dedup.py --config jobs/configs/clean_dedup/tiny_cpu.yaml "
+         f"input={out}/corpus/docs output={out}/clean ray.resource_wait_s=60"),
+    ]), runtime_env=runtime_env)
+    wait(client, ids["data"], timeout_s=JOB_TIMEOUT_S)
+    ids["missing_config"] = submit(client, "python jobs/corpus.py --config jobs/configs/corpus/nope.yaml",
+                                   runtime_env=runtime_env)
     return ids, out
 
 
