@@ -45,12 +45,12 @@ def list_stages() -> str:
     return "\n".join(lines)
 
 
-def run_stage(name: str, config_path: str | None, overrides: list[str], extra: dict | None = None) -> dict:
+def run_stage(name: str, config_path: str | None, overrides: list[str]) -> dict:
     """Load the stage's config, start or join Ray when the stage needs it, run it."""
     stage = stages.get(name)
     cfg = cfglib.load(stage.config_class(), config_path, overrides)
     start = time.monotonic()
-    result = stage.run_fn()(cfg, **(extra or {}))
+    result = stage.run_fn()(cfg)
     result = dict(result or {})
     result.setdefault("elapsed_s", round(time.monotonic() - start, 1))
     return result

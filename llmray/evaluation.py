@@ -31,13 +31,18 @@ def read_jsonl_dir(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def perplexity(model_dir: str | Path, texts: list[str], max_len: int = 256, batch_size: int = 8) -> float:
+def load(model_dir: str | Path):
+    """(model, tokenizer) once, for several evaluations of the same model."""
+    from llmray.models.factory import load_pretrained
+
+    return load_pretrained(model_dir)
+
+
+def perplexity(loaded, texts: list[str], max_len: int = 256, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over `texts`, each truncated to `max_len` tokens."""
     import torch
 
-    from llmray.models.factory import load_pretrained
-
-    model, tok = load_pretrained(model_dir)
+    model, tok = loaded
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
@@ -54,14 +59,12 @@ def perplexity(model_dir: str | Path, texts: list[str], max_len: int = 256, batc
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def generate_greedy(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: int = 16,
+def generate_greedy(loaded, prompts: list[list[dict]], max_new_tokens: int = 16,
                     batch_size: int = 32) -> list[str]:
     """Greedy chat completions with transformers (left padding), decoded without special tokens."""
     import torch
 
-    from llmray.models.factory import load_pretrained
-
-    model, tok = load_pretrained(model_dir)
+    model, tok = loaded
     tok.padding_side = "left"
     out: list[str] = []
     with torch.no_grad():
@@ -75,11 +78,11 @@ def generate_greedy(model_dir: str | Path, prompts: list[list[dict]], max_new_to
     return out
 
 
-def task_accuracy(model_dir: str | Path, records: list[dict], max_new_tokens: int = 16) -> dict:
+def task_accuracy(loaded, records: list[dict], max_new_tokens: int = 16) -> dict:
     """Accuracy and mean rule-based reward on `{"prompt": messages, "answer": str}` records."""
     from llmray.data import tasks
 
-    responses = generate_greedy(model_dir, [r["prompt"] for r in records], max_new_tokens)
+    responses = generate_greedy(loaded, [r["prompt"] for r in records], max_new_tokens)
     rewards = [tasks.reward(r["answer"], resp) for r, resp in zip(records, responses)]
     correct = [tasks.is_correct(r["answer"], resp) for r, resp in zip(records, responses)]
     return {

@@ -139,7 +139,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                 raise ConfigError(f"{section}.{dotted}: set by the pipeline (it wires stages together); remove it")
         data = cfglib.apply_overrides(user, [f"{k}={json.dumps(v)}" for k, v in wired[name].items()])
         cls = stages.get(name).config_class()
-        if "ray" in {f for f in getattr(cls, "__dataclass_fields__", {})}:
+        if "ray" in cls.__dataclass_fields__:
             data.setdefault("ray", cfglib.to_dict(cfg.ray))
         out[name] = cfglib.build(cls, data, prefix=section)
     return out
@@ -164,9 +164,9 @@ def _selected(cfg: PipelineConfig) -> list[str]:
 
 def _check_inputs(cfg: PipelineConfig, first: str, p: Paths) -> None:
     """Fail before any work when the corpus path or an artifact the first stage reads is missing."""
-    if cfg.corpus_path and "://" not in cfg.corpus_path and not any(c in cfg.corpus_path for c in "*?["):
-        if not Path(cfg.corpus_path).exists():
-            raise UserError(f"corpus_path does not exist: {cfg.corpus_path}")
+    path = cfg.corpus_path
+    if path and "://" not in path and not any(c in path for c in "*?[") and not Path(path).exists():
+        raise UserError(f"corpus_path does not exist: {path}")
     for name, _, _, kind in STEPS[: STEP_NAMES.index(first)]:
         if name == "corpus" and cfg.corpus_path:
             continue
@@ -233,10 +233,11 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths) -> dict:
         return {}
     out: dict[str, Any] = {}
     try:
-        out["heldout_ppl"] = round(evaluation.perplexity(model_dir, evaluation.heldout_documents(cfg.heldout_documents)), 3)
+        loaded = evaluation.load(model_dir)
+        out["heldout_ppl"] = round(evaluation.perplexity(loaded, evaluation.heldout_documents(cfg.heldout_documents)), 3)
         eval_rows = evaluation.read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)
         if eval_rows:
-            acc = evaluation.task_accuracy(model_dir, eval_rows)
+            acc = evaluation.task_accuracy(loaded, eval_rows)
             out["task_accuracy"] = round(acc["accuracy"], 4)
             out["task_mean_reward"] = round(acc["mean_reward"], 4)
             out["eval_examples"] = acc["examples"]
@@ -249,6 +250,7 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths) -> dict:
 
 def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
     """Start the endpoint, send the demo requests with the official openai client, print answers."""
+    import random
     import statistics
 
     from llmray.data import tasks
@@ -266,7 +268,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
         client = OpenAI(base_url=handle.url, api_key=handle.api_key or "none", timeout=120)
         model_id = client.models.list().data[0].id
         rows = read_jsonl_dir(f"{p.corpus}/eval", cfg.demo_requests) or [
-            tasks.prompt_record(tasks.make_task(__import__("random").Random(i))) for i in range(cfg.demo_requests)]
+            tasks.prompt_record(tasks.make_task(random.Random(i))) for i in range(cfg.demo_requests)]
         t0 = time.monotonic()
         for row in rows[: cfg.demo_requests]:
             s = time.monotonic()
