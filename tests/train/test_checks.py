@@ -107,14 +107,16 @@ def test_memory_estimate_follows_zero_accounting():
     shape = ModelConfig(preset="7b").resolved()
     n = shape.num_params()
     e0 = estimate(shape, DeepSpeedConfig(zero_stage=0, precision="bf16"), 2048, 8, on_gpu=True)
-    # 2 + 2 + 12 bytes per parameter, plus the transient flattened copy of the bf16 weights (2).
-    assert e0.weights_gb + e0.grads_gb + e0.optimizer_gb == pytest.approx(18 * n / 1024**3)
+    # 2 + 2 + 12 bytes per parameter, plus the transient flattened copy of the bf16 weights (2) and
+    # foreach AdamW's step() temporaries (8).
+    assert e0.weights_gb + e0.grads_gb + e0.optimizer_gb == pytest.approx(26 * n / 1024**3)
     e1 = estimate(shape, DeepSpeedConfig(zero_stage=1, precision="bf16"), 2048, 8, on_gpu=True)
     assert e1.optimizer_gb == pytest.approx(e0.optimizer_gb / 8)
     e3 = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16"), 2048, 8, on_gpu=True)
     assert e3.weights_gb == pytest.approx(e0.weights_gb / 8) and e3.grads_gb == pytest.approx(e0.grads_gb / 8)
     off = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer=True), 2048, 8, on_gpu=True)
-    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb) and off.host_gb == pytest.approx(e3.optimizer_gb)
+    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb)
+    assert off.host_gb == pytest.approx(12 * n / 8 / 1024**3)  # fused CPU Adam: no step() temporaries
     ck = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", activation_checkpointing=True), 2048, 8, on_gpu=True)
     assert ck.activations_gb < e3.activations_gb / 5
 

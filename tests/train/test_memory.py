@@ -19,6 +19,7 @@ a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 init_distributed("gloo")
 import deepspeed  # imported and initialised before the baseline: only training memory is compared
+from transformers import LlamaConfig, LlamaForCausalLM  # the import alone is ~0.2 GB of RSS
 base = rss_gb()
 ds = DeepSpeedConfig(**a["ds"])
 model = build_model(ModelConfig(**a["model"]), None, seed=0)
