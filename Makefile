@@ -32,7 +32,7 @@ run: install
 	$(BIN)/llmray pipeline --config $(PIPELINE_CONFIG)
 
 test: install
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

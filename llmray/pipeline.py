@@ -21,6 +21,7 @@ from llmray import config as cfglib
 from llmray.cluster import RayConfig
 from llmray.config import ConfigError, check
 from llmray.errors import UserError
+from llmray.report.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class Paths:
     """Where each stage's artifact lives under the work directory."""
 
     def __init__(self, workdir: str | Path):
-        self.root = Path(workdir)
+        # Absolute: Ray Train workers run in their own directories, and manifests record these paths.
+        self.root = Path(workdir).resolve()
         for name, _, sub, _ in STEPS:
             setattr(self, _attr(name), str(self.root / sub))
         self.report = str(self.root / "report")
@@ -177,7 +179,6 @@ def _check_inputs(cfg: PipelineConfig, first: str, p: Paths) -> None:
 
 def run(cfg: PipelineConfig) -> dict:
     """Run the selected span of stages; write the run report; print answers from the endpoint."""
-    from llmray import stages
     from llmray.cluster import init_ray
 
     p = Paths(cfg.workdir)
@@ -188,6 +189,22 @@ def run(cfg: PipelineConfig) -> dict:
     init_ray(cfg.ray)
     results: dict[str, dict] = _load_results(p)
     timings: dict[str, float] = {}
+    with PeakMemory() as mem:
+        _run_stages(cfg, names, configs, p, results, timings)
+    results["memory"] = {"peak_gib": round(mem.peak_gib, 2), "start_gib": round(mem.start_gib, 2)}
+    _save_results(p, results)
+    from llmray.report.run_report import write_report
+
+    report = write_report(p, results)
+    _print_timings(timings, mem)
+    return {"workdir": str(p.root), "report": str(report), "stage_seconds": timings,
+            "answers": results.get("serve", {}).get("answers", []), "peak_memory_gib": results["memory"]["peak_gib"]}
+
+
+def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, results: dict,
+                timings: dict) -> None:
+    from llmray import stages
+
     total = len(names)
     for i, name in enumerate(names, 1):
         start = time.monotonic()
@@ -209,12 +226,6 @@ def run(cfg: PipelineConfig) -> dict:
         results[name]["elapsed_s"] = timings[name]
         _save_results(p, results)
         _banner(i, total, name, f"finished in {timings[name]:.0f}s")
-    from llmray.report.run_report import write_report
-
-    report = write_report(p, results)
-    _print_timings(timings)
-    return {"workdir": str(p.root), "report": str(report), "stage_seconds": timings,
-            "answers": results.get("serve", {}).get("answers", [])}
 
 
 def _with_force(stage_cfg):
@@ -299,11 +310,12 @@ def _banner(i: int, n: int, name: str, what: str) -> None:
     print(f"[{i}/{n}] {name}: {what}", flush=True)
 
 
-def _print_timings(timings: dict[str, float]) -> None:
+def _print_timings(timings: dict[str, float], mem: PeakMemory) -> None:
     print("\nTime per stage:")
     for name, s in timings.items():
         print(f"  {name:<14} {s:8.1f} s")
     print(f"  {'total':<14} {sum(timings.values()):8.1f} s")
+    print(f"Peak memory in use on this machine: {mem.peak_gib:.1f} GiB (was {mem.start_gib:.1f} GiB at the start)")
 
 
 def _load_results(p: Paths) -> dict:

@@ -90,9 +90,9 @@ class DPOTask(TrainTask):
         pc, pr = lp[:b], lp[b:]
         rc, rr = batch["ref_chosen"].float(), batch["ref_rejected"].float()
         losses, cr, rj = dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
-        sums = {"loss": float(losses.sum()), "accuracy": float((cr > rj).float().sum()),
-                "reward_margin": float((cr - rj).sum()), "chosen_reward": float(cr.sum()),
-                "rejected_reward": float(rj.sum()), "count": float(b)}
+        sums = {"loss": float(losses.detach().sum()), "accuracy": float((cr > rj).float().sum()),
+                "reward_margin": float((cr - rj).detach().sum()), "chosen_reward": float(cr.detach().sum()),
+                "rejected_reward": float(rj.detach().sum()), "count": float(b)}
         return losses.mean(), sums, int(ids.numel())
 
     def evaluate(self, engine, rows):

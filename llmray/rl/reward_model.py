@@ -80,8 +80,8 @@ class RewardTask(TrainTask):
     def loss(self, engine, batch):
         rc, rr = self._rewards(engine, batch)
         losses = pairwise_loss(rc, rr, self.margin)
-        sums = {"loss": float(losses.sum()), "accuracy": float((rc > rr).float().sum()),
-                "margin": float((rc - rr).sum()), "count": float(rc.numel())}
+        sums = {"loss": float(losses.detach().sum()), "accuracy": float((rc > rr).float().sum()),
+                "margin": float((rc - rr).detach().sum()), "count": float(rc.numel())}
         return losses.mean(), sums, int(batch["chosen_ids"].numel() * 2)
 
     def evaluate(self, engine, rows):

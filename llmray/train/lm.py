@@ -99,7 +99,7 @@ class CausalLMTask(TrainTask):
         kw = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         logits = engine(input_ids=ids, use_cache=False, **kw).logits
         s, n = token_loss_sum(logits, labels)
-        return s / n.clamp(min=1), {"loss": float(s), "count": float(n)}, int(ids.numel())
+        return s / n.clamp(min=1), {"loss": float(s.detach()), "count": float(n)}, int(ids.numel())
 
     def evaluate(self, engine, rows):
         from llmray.train.loop import to_batch

@@ -78,6 +78,7 @@ def prepare(cfg: PretrainConfig):
         raise UserError(f"tokenizer: not set and the dataset manifest of {cfg.dataset} names none; set tokenizer=<dir>")
     if not Path(tok_dir).exists():
         raise UserError(f"tokenizer: {tok_dir} does not exist")
+    tok_dir = str(Path(tok_dir).resolve())  # the workers run in their own directories
     tok = load_tokenizer(tok_dir)
     d_vocab = man.metrics.get("vocab_size")
     if d_vocab is not None and int(d_vocab) != len(tok):
@@ -112,7 +113,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     info, tok_dir, shape, expect, g = prepare(cfg)
     init_ray(cfg.ray)
-    ds = ordered_parquet([str(f) for f in info["files"]], info["columns"])
+    ds = ordered_parquet([str(Path(f).resolve()) for f in info["files"]], info["columns"])
     task = CausalLMTask(tokenizer_dir=str(tok_dir), model=cfg.model, seed=cfg.seed)
     spec = LoopSpec(
         task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(Path(cfg.run_dir).resolve()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,7 +62,8 @@ def test_rerun_skips_completed_stages(tiny_run):
 
 def test_killed_mid_stage_resumes_without_redoing(tiny_run, tmp_path):
     """Kill the pipeline while pretraining (after its first complete checkpoint); the re-run skips
-    the finished data stages and pretraining resumes from the checkpoint to the full step count."""
+    the finished data stages and pretraining resumes from the checkpoint to the full step count.
+    The work directory is given relative to the current one, as a user types it."""
     from llmray.train.checkpoint import find_latest
 
     src, _ = tiny_run
@@ -69,9 +71,9 @@ def test_killed_mid_stage_resumes_without_redoing(tiny_run, tmp_path):
     work.mkdir()
     for sub in ("corpus", "clean", "tokenizer", "packed"):
         shutil.copytree(src / sub, work / sub)
-    args = ("--until", "pretrain", "pretrain.max_steps=40", "pretrain.checkpoint.every_n_steps=10")
-    proc = subprocess.Popen(_cmd(work, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    args = ("--until", "pretrain", "pretrain.max_steps=20", "pretrain.checkpoint.every_n_steps=5")
+    proc = subprocess.Popen(_cmd(Path("run"), *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=_env())
     ckpts = work / "runs" / "pretrain" / "checkpoints"
     deadline = time.monotonic() + 600
     try:
@@ -84,13 +86,15 @@ def test_killed_mid_stage_resumes_without_redoing(tiny_run, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not artifacts.is_complete(work / "pretrain")
-    r = _pipeline(work, *args)
+    r = _pipeline(Path("run"), *args, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("clean-dedup", "tokenizer", "pack"):
         assert f"{name}: done already, skipped" in r.stdout
     assert artifacts.is_complete(work / "pretrain", "model")
     steps = [json.loads(line)["step"] for line in (work / "runs" / "pretrain" / "metrics.jsonl").open()]
-    assert max(steps) == 40
+    assert max(steps) == 20
+    resumed = re.search(r"resumed from \S+ at step (\d+)", r.stdout + r.stderr)
+    assert resumed and int(resumed.group(1)) >= 5, "pretraining started over instead of resuming"
 
 
 def test_bad_input_is_named(tmp_path):
@@ -108,6 +112,9 @@ def _cmd(workdir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "llmray.cli", "pipeline", "--config", str(TINY), f"workdir={workdir}", *args]
 
 
-def _pipeline(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(_cmd(workdir, *args), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _pipeline(workdir: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, *args), cwd=cwd, capture_output=True, text=True, timeout=900, env=_env())
