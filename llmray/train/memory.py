@@ -3,7 +3,7 @@
 Model states follow the seeds' bytes-per-parameter accounting (ZeRO paper): mixed-precision Adam is
 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, m, v) = 16 bytes per parameter; fp32 Adam is
 4 + 4 + 8 = 16 too. Measured on this machine, torch's foreach AdamW adds ~8 bytes per parameter of
-step() temporaries at the peak, counted with the optimizer unless it is offloaded. ZeRO-1 divides the optimizer part by the worker count, ZeRO-2 also the gradients,
+step() temporaries at the peak, counted with the optimizer (and offloaded with it). ZeRO-1 divides the optimizer part by the worker count, ZeRO-2 also the gradients,
 ZeRO-3 also the weights. Offload moves the optimizer states (and, at ZeRO-3, the weights) to host
 memory, which on a CPU-only machine is the same memory: there it is counted under `host_gb`.
 Activations per layer per token use the Megatron estimate (34·h + 5·a·s bytes at 16 bits, doubled
@@ -73,10 +73,9 @@ def estimate(
     flatten = n * weight_b / (w if ds.zero_stage >= 3 else 1)
     grads = t * grad_b
     optim = t * opt_b
-    if not ds.offload_optimizer:
-        # torch's foreach AdamW (our client optimizer) materialises about two fp32 temporaries per
-        # parameter during step() (sqrt of v, the update); offloading uses DeepSpeed's fused CPU Adam.
-        optim += t * 8
+    # torch's foreach AdamW (our client optimizer, also under offload) materialises about two fp32
+    # temporaries per parameter during step() (sqrt of v, the update), where the optimizer runs.
+    optim += t * 8
     if ds.zero_stage >= 1:
         optim /= w
     if ds.zero_stage >= 2:

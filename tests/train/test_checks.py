@@ -115,8 +115,7 @@ def test_memory_estimate_follows_zero_accounting():
     e3 = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16"), 2048, 8, on_gpu=True)
     assert e3.weights_gb == pytest.approx(e0.weights_gb / 8) and e3.grads_gb == pytest.approx(e0.grads_gb / 8)
     off = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer=True), 2048, 8, on_gpu=True)
-    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb)
-    assert off.host_gb == pytest.approx(12 * n / 8 / 1024**3)  # fused CPU Adam: no step() temporaries
+    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb) and off.host_gb == pytest.approx(e3.optimizer_gb)
     ck = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", activation_checkpointing=True), 2048, 8, on_gpu=True)
     assert ck.activations_gb < e3.activations_gb / 5
 
