@@ -62,7 +62,7 @@ def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats
     # ignore_eos: every response is exactly max_tokens long, so both engines do the same work.
     sampling = {"n": 1, "temperature": 1.0, "max_tokens": max_tokens, "ignore_eos": True, "seed": 0}
     out = {}
-    for name, cls, kw in (("vllm", RolloutWorker, {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_gb": 1}),
+    for name, cls, kw in (("vllm", RolloutWorker, {"dtype": "auto", "enforce_eager": True, "kv_cache_gb": 1}),
                           ("hf", HFRolloutWorker, {"dtype": "float32", "batch_size": n_prompts})):
         t0 = time.perf_counter()
         g = WorkerGroup("rollout", cls, 1, {"CPU": 1}, {"model_dir": str(model_dir), "max_model_len": 512, **kw})

@@ -73,8 +73,9 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_model_len: int = 256
-    dtype: str = "bfloat16"
-    """vLLM dtype; the actor trains in fp32, so bf16 rollouts widen the train-inference gap (logged)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """vLLM dtype. `auto`: bf16 on a GPU or a bf16-capable CPU, else fp32 (llmray.hardware). The actor
+    trains in fp32, so bf16 rollouts widen the train-inference gap (logged as rollout/logprob_gap)."""
     enforce_eager: bool = True
     kv_cache_gb: float = 1.0
     temperature: float = 1.0

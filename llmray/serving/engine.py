@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmray.config import check
 from llmray.errors import UserError
+from llmray.hardware import engine_dtype
 from llmray.serving.speculative import SpeculativeConfig, check_draft_tokenizer, to_vllm
 
 if TYPE_CHECKING:
@@ -21,7 +22,9 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB
 
 @dataclass(frozen=True)
 class EngineConfig:
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bf16 on a GPU or a bf16-capable CPU, fp32 on other CPUs (bf16 is emulated there, ~4x
+    slower), the checkpoint's own dtype for a quantized model (see llmray.hardware)."""
     max_model_len: int = 512
     """Context window served: prompt + completion tokens. Longer prompts get a 400."""
     max_num_seqs: int = 32
@@ -71,7 +74,7 @@ def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None)
         model=str(model),
         tokenizer=str(model),
         served_model_name=served_name,
-        dtype=cfg.dtype,
+        dtype=engine_dtype(cfg.dtype, model),
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         enforce_eager=cfg.enforce_eager,

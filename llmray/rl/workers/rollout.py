@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from llmray.errors import UserError
+from llmray.hardware import engine_dtype
 from llmray.rl.dispatch import register
 
 SAMPLING_KEYS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64, "seed": None,
@@ -85,7 +86,7 @@ def _resolve(bucket: Any) -> dict:
 class RolloutWorker:
     """One vLLM engine (`vllm.LLM`) in this process: generation with per-token logprobs, in-place weight loads."""
 
-    def __init__(self, model_dir: str, max_model_len: int = 512, dtype: str = "bfloat16", seed: int = 0,
+    def __init__(self, model_dir: str, max_model_len: int = 512, dtype: str = "auto", seed: int = 0,
                  enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs",
                  in_process: bool = True, max_num_seqs: int = 256, cpu_threads_bind: str | None = "nobind"):
@@ -106,7 +107,7 @@ class RolloutWorker:
         t0 = time.monotonic()
         self.model_dir, self.max_model_len = model_dir, max_model_len
         kwargs: dict[str, Any] = dict(
-            model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            model=model_dir, dtype=engine_dtype(dtype, model_dir), max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls="llmray.rl.vllm_ext.WeightLoader", logprobs_mode=logprobs_mode,
             max_num_seqs=max_num_seqs, enable_prefix_caching=True,
