@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from llmray.config import check
 from llmray.errors import UserError
+from llmray.hardware import has_cuda
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,10 @@ def local_num_cpus() -> int:
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(WORKER_ENV)
-    if not _has_cuda():
+    if not has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
     env.update(extra or {})
     return env
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no torch means no CUDA
-        return False
 
 
 def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:

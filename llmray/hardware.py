@@ -1,4 +1,4 @@
-"""What this machine computes fast: the dtype an inference engine should run in when the config says `auto`.
+"""What this machine has (CUDA, native bf16) and the dtype an inference engine should run in for `auto`.
 
 On a CPU without native bf16 (no AVX512-BF16 or AMX), bf16 arithmetic is emulated: vLLM measured
 here (2 cores, no AVX-512) ran an 11M-parameter model at ~300 tok/s in bf16 and ~1,160 tok/s in
@@ -11,9 +11,6 @@ import json
 from functools import cache
 from pathlib import Path
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
 @cache
 def cpu_has_native_bf16() -> bool:
     try:
@@ -23,12 +20,12 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
 
         return torch.cuda.is_available()
-    except ImportError:
+    except Exception:  # noqa: BLE001 - no (working) torch means no CUDA
         return False
 
 
@@ -41,4 +38,4 @@ def engine_dtype(requested: str, model_dir: str | Path | None = None) -> str:
         cfg = Path(model_dir) / "config.json"
         if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
             return "auto"
-    return "bfloat16" if _has_cuda() or cpu_has_native_bf16() else "float32"
+    return "bfloat16" if has_cuda() or cpu_has_native_bf16() else "float32"

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from llmray.errors import UserError
-from llmray.hardware import engine_dtype
+from llmray.hardware import engine_dtype, has_cuda
 from llmray.rl.dispatch import register
 
 SAMPLING_KEYS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64, "seed": None,
@@ -112,7 +112,7 @@ class RolloutWorker:
             worker_extension_cls="llmray.rl.vllm_ext.WeightLoader", logprobs_mode=logprobs_mode,
             max_num_seqs=max_num_seqs, enable_prefix_caching=True,
         )
-        if _has_cuda():
+        if has_cuda():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         try:
             self.llm = LLM(**kwargs)
@@ -316,10 +316,3 @@ def _tokenizer_info(tok) -> dict:
             "bos_token_id": tok.bos_token_id}
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
