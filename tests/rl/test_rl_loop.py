@@ -99,11 +99,13 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_prompts, tm
 
 
 def _expect_rise(what: str, before: float, after: float, margin: float) -> None:
-    """The learning claim of issues 8/9. Over 8 steps of 32 samples on the tiny SFT model the reward
-    was too noisy to rise reliably (seen: 0.33 -> 0.30). Until a longer or larger demo run shows it,
-    a miss is reported as an expected failure with its numbers, after every mechanics check passed."""
+    """The learning claim of issues 8/9, reported as an expected failure with its numbers (after every
+    mechanics check passed) until it holds. It does not yet: the reward FELL in every run of PPO, RLOO
+    and GRPO (e.g. 0.352 -> 0.305, 0.361 -> 0.297 over 8 steps), and in the 15-step `make run` greedy
+    accuracy fell from 0.355 to 0.245 while KL grew. A drop that consistent across algorithms points
+    at the shared update path rather than noise; it is under investigation (docs/rlhf.md)."""
     if not after > before + margin:
-        pytest.xfail(f"{what} did not rise: {before:.3f} -> {after:.3f} (issue 8/9: demo run too short)")
+        pytest.xfail(f"{what} did not rise: {before:.3f} -> {after:.3f} (issue 8/9: learning not shown yet)")
 
 
 def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: list, stop: threading.Event):
