@@ -162,7 +162,8 @@ def _ray_map(items: list[dict], fn, cfg: CleanDedupConfig, name: str) -> list[di
 
 
 def _work_dir(cfg: CleanDedupConfig, files: list[str]) -> Path:
-    """The resumable work directory; wiped when the input files or output-affecting config change."""
+    """The resumable work directory; wiped when the input files or output-affecting config change, and
+    on `force=true` (a rebuild starts from nothing)."""
     out = Path(cfg.output)
     work = out.parent / f".{out.name}.work"
     d = to_dict(cfg)
@@ -174,8 +175,8 @@ def _work_dir(cfg: CleanDedupConfig, files: list[str]) -> Path:
             same = json.loads(fp_path.read_text()) == json.loads(json.dumps(fingerprint))
         except (OSError, ValueError):
             same = False
-        if not same:
-            log.info("clean-dedup: inputs or config changed; discarding %s", work)
+        if cfg.force or not same:
+            log.info("clean-dedup: %s; discarding %s", "force=true" if cfg.force else "inputs or config changed", work)
             shutil.rmtree(work)
         else:
             log.info("clean-dedup: resuming from %s", work)
