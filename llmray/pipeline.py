@@ -191,14 +191,15 @@ def run(cfg: PipelineConfig) -> dict:
     timings: dict[str, float] = {}
     with PeakMemory() as mem:
         _run_stages(cfg, names, configs, p, results, timings)
-    results["memory"] = {"peak_gib": round(mem.peak_gib, 2), "start_gib": round(mem.start_gib, 2)}
-    _save_results(p, results)
-    from llmray.report.run_report import write_report
+    from llmray.report.run_report import RUN_KEY, write_report
 
+    results[RUN_KEY] = {"peak_memory_gib": round(mem.peak_gib, 2), "start_memory_gib": round(mem.start_gib, 2),
+                        "stage_seconds": timings}
+    _save_results(p, results)
     report = write_report(p, results)
     _print_timings(timings, mem)
     return {"workdir": str(p.root), "report": str(report), "stage_seconds": timings,
-            "answers": results.get("serve", {}).get("answers", []), "peak_memory_gib": results["memory"]["peak_gib"]}
+            "answers": results.get("serve", {}).get("answers", []), "peak_memory_gib": round(mem.peak_gib, 2)}
 
 
 def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, results: dict,

@@ -17,6 +17,8 @@ CURVES = {
     "reward-model": ("loss", "accuracy"),
     "ppo": ("reward", "kl"),
 }
+RUN_KEY = "run"
+"""The results entry for the whole invocation (peak memory, stage times), not a stage."""
 KEY_NUMBERS = ("documents", "documents_in", "documents_out", "duplicates_removed", "exact_duplicates",
                "near_duplicates", "tokens", "num_tokens", "num_sequences", "final_loss", "steps",
                "tokens_per_s", "accuracy", "eval_accuracy", "heldout_accuracy", "heldout_ppl",
@@ -72,13 +74,20 @@ def write_report(paths, results: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     md = ["# llmray run report", "", f"Work directory: `{paths.root}`", ""]
+    run = results.get(RUN_KEY, {})
+    stages = {k: v for k, v in results.items() if k != RUN_KEY}
+    if run.get("stage_seconds"):
+        md.append(f"Stages run this time: {sum(run['stage_seconds'].values()):.0f} s. "
+                  f"Peak memory in use on the machine: {run['peak_memory_gib']} GiB "
+                  f"({run['start_memory_gib']} GiB at the start).")
+        md.append("")
     md += ["## Stages", "", "| stage | key numbers |", "|---|---|"]
-    for stage, res in results.items():
+    for stage, res in stages.items():
         flat = _flatten(res)
         nums = [f"{k}={v}" for k, v in flat.items() if k.split(".")[-1] in KEY_NUMBERS]
         md.append(f"| {stage} | {'; '.join(nums[:14]) or '—'} |")
     md.append("")
-    evals = [(s, r) for s, r in results.items() if "heldout_ppl" in r or "task_accuracy" in r]
+    evals = [(s, r) for s, r in stages.items() if "heldout_ppl" in r or "task_accuracy" in r]
     if evals:
         md += ["## Held-out perplexity and task accuracy", "", "| model after | held-out ppl | task accuracy | mean reward |",
                "|---|---|---|---|"]
