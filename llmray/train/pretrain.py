@@ -125,6 +125,6 @@ def run(cfg: PretrainConfig) -> dict:
     print(f"[llmray] pretrain: {info['rows']} sequences x {info['seq_len']} tokens, {shape.num_params() / 1e6:.2f}M params, "
           f"global batch {g}, {cfg.max_steps} steps on {cfg.scaling.num_workers} workers (ZeRO-{cfg.deepspeed.zero_stage})",
           flush=True)
-    result = launch(cfg, spec, ds, "pretrain")
+    result = launch(cfg, spec, ds, "pretrain", ingest_cpus=1.0)  # the parquet read tasks
     return finish(cfg, "pretrain", to_dict(cfg), result, [cfg.dataset, str(tok_dir)],
                   {"num_params": shape.num_params(), "seq_len": info["seq_len"]})

@@ -146,8 +146,29 @@ def check_resume(cfg: TrainRunConfig, expect: dict[str, Any]) -> Path | None:
     return path
 
 
-def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", name: str) -> dict[str, Any]:
-    """Run `spec` on a TorchTrainer over `dataset`; return the worker's result.json plus timing."""
+# Ray Train v2 records every reported checkpoint in this file under the run directory and refuses
+# to start a run whose record names a checkpoint that is gone. Our retention (keep_last) deletes old
+# checkpoints and our loop resumes from the newest complete one itself, so the record is stale.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def forget_ray_train_snapshot(run_dir: str | Path) -> bool:
+    """Remove Ray Train's checkpoint record of an earlier attempt of this run (True if there was one).
+    Without this, resubmitting a run that had deleted a checkpoint (keep_last) failed with
+    CheckpointManagerInitializationError instead of resuming."""
+    p = Path(run_dir) / RAY_TRAIN_SNAPSHOT
+    if p.is_file():
+        p.unlink()
+        return True
+    return False
+
+
+def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", name: str,
+           ingest_cpus: float = 0.0) -> dict[str, Any]:
+    """Run `spec` on a TorchTrainer over `dataset`; return the worker's result.json plus timing.
+
+    `ingest_cpus`: CPUs the dataset's own tasks need beside the workers (a streamed parquet read
+    needs one): without them the workers hold every CPU and the read never runs, a silent hang."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import DataConfig, FailureConfig, RunConfig
@@ -158,13 +179,17 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
 
     init_ray(cfg.ray)
     sc = cfg.scaling
-    need = {"CPU": sc.cpus_per_worker * sc.num_workers}
+    need = {"CPU": sc.cpus_per_worker * sc.num_workers + ingest_cpus}
     if sc.use_gpu:
         need["GPU"] = float(sc.num_workers)
-    require_resources(need, f"{name} ({sc.num_workers} workers)", cfg.ray.resource_wait_s)
+    what = f"{name} ({sc.num_workers} workers x {sc.cpus_per_worker:g} CPU" + (
+        f" + {ingest_cpus:g} CPU to read the data)" if ingest_cpus else ")")
+    require_resources(need, what, cfg.ray.resource_wait_s)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
+    if forget_ray_train_snapshot(run_dir):
+        log.info("%s: dropped Ray Train's checkpoint record of an earlier attempt; resuming from our own", name)
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     env = {"OMP_NUM_THREADS": str(sc.threads_per_worker), "DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))}

@@ -194,3 +194,38 @@ def test_bad_preference_data_named_before_work(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match=r"pref\.jsonl:3: missing field 'chosen'"):
         dpo_run(cfg)
     assert not (tmp_path / "run").exists()  # refused before any work (no run directory)
+
+
+def test_launch_reserves_a_cpu_for_the_streamed_read_and_names_it(monkeypatch, tmp_path):
+    """2 workers x 1 CPU on a 2-CPU cluster left nothing for the parquet read tasks: the run hung
+    with the read PENDING forever. Now the pre-launch check asks for the extra CPU and names it."""
+    from llmray import cluster
+    from llmray.train.pretrain import PretrainConfig
+    from llmray.train.trainer import launch
+
+    seen = {}
+
+    def refuse(needed, what, timeout_s):
+        seen.update(needed=needed, what=what)
+        raise cluster.ClusterError(f"{what} needs CPU={needed['CPU']:g}")
+
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: {})
+    monkeypatch.setattr(cluster, "require_resources", refuse)
+    cfg = load(PretrainConfig, None, [f"run_dir={tmp_path / 'run'}", "scaling.num_workers=2"])
+    with pytest.raises(cluster.ClusterError, match=r"pretrain \(2 workers x 1 CPU \+ 1 CPU to read the data\)"):
+        launch(cfg, None, None, "pretrain", ingest_cpus=1.0)
+    assert seen["needed"] == {"CPU": 3.0}
+    with pytest.raises(cluster.ClusterError):
+        launch(cfg, None, None, "sft")  # an in-memory dataset needs no read tasks
+    assert seen["needed"] == {"CPU": 2.0}
+
+
+def test_a_stale_ray_train_checkpoint_record_is_dropped(tmp_path):
+    """Ray Train keeps a record of every reported checkpoint and refused to start when one of them
+    was deleted by keep_last: resubmitting an interrupted run failed instead of resuming."""
+    from llmray.train.trainer import RAY_TRAIN_SNAPSHOT, forget_ray_train_snapshot
+
+    assert not forget_ray_train_snapshot(tmp_path)
+    (tmp_path / RAY_TRAIN_SNAPSHOT).write_text('{"checkpoints": ["step_00000010"]}')
+    assert forget_ray_train_snapshot(tmp_path)
+    assert not (tmp_path / RAY_TRAIN_SNAPSHOT).exists()
