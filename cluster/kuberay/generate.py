@@ -118,7 +118,9 @@ def raycluster() -> dict:
 
 
 def _shared_overrides(cfg) -> list[str]:
-    """Point every artifact path of a stage config (a str under artifacts/) at the shared volume."""
+    """Point every artifact path (a str under artifacts/) and run directory (under runs/: checkpoints,
+    metrics) of a stage config at the shared volume: a job's working directory is a temporary copy,
+    so a relative run_dir lost the checkpoints a resubmitted RayJob resumes from."""
     out = []
 
     def walk(node, prefix: str) -> None:
@@ -127,7 +129,7 @@ def _shared_overrides(cfg) -> list[str]:
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
-            elif isinstance(v, str) and v.startswith("artifacts/"):
+            elif isinstance(v, str) and v.startswith(("artifacts/", "runs/")):
                 out.append(f"{key}={SHARED}/{v}")
 
     walk(cfg, "")

@@ -150,6 +150,54 @@ def test_kuberay_rayjobs_name_existing_scripts_and_configs():
         assert renv["working_dir"] and "pip" not in renv
 
 
+def _rayjob_configs() -> dict:
+    """stage name -> the config its RayJob runs (shipped config + the entrypoint's overrides)."""
+    from llmray import config as cfglib
+    from llmray import stages
+
+    by_job = {s.job: s for s in stages.STAGES.values()}
+    out = {}
+    for doc in (d for p in KUBERAY for d in _docs(p) if d["kind"] == "RayJob"):
+        entry = doc["spec"]["entrypoint"].split()
+        stage = by_job[entry[1]]
+        i = entry.index("--config")
+        out[stage.name] = cfglib.load(stage.config_class(), ROOT / entry[i + 1], entry[i + 2:])
+    return out
+
+
+def _paths(cfg, prefix: str = "") -> dict[str, str]:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_paths(v, f"{prefix}{f.name}."))
+        elif isinstance(v, str) and (v.startswith(("/", "artifacts/", "runs/")) or "://" in v):
+            out[prefix + f.name] = v
+    return out
+
+
+def test_kuberay_rayjobs_keep_every_path_on_the_shared_volume():
+    """A relative path lands in the job's temporary working copy, an absolute one outside /mnt/shared
+    on a volume no pod mounts: either way the next stage (or a resumed run) would not find it."""
+    for stage, cfg in _rayjob_configs().items():
+        for key, path in _paths(cfg).items():
+            if "://" in path:  # an object-store input (clean-dedup reads your bucket)
+                continue
+            assert path.startswith("/mnt/shared/"), f"rayjob-{stage}: {key}={path} is not on the shared volume"
+
+
+def test_kuberay_rayjobs_chain_through_the_shared_volume():
+    c = _rayjob_configs()
+    assert c["tokenizer"].corpus == c["corpus"].output
+    assert c["pack"].input == c["clean-dedup"].output
+    assert c["pack"].tokenizer == c["tokenizer"].output
+    assert c["pretrain"].dataset == c["pack"].output
+    assert c["sft"].model == c["pretrain"].output
+    assert c["sft"].data == c["corpus"].output + "/sft"
+
+
 def test_kuberay_manifests_are_up_to_date_with_the_stage_registry():
     """Stages that gained a job script get a RayJob: rerun cluster/kuberay/generate.py."""
     r = subprocess.run([sys.executable, str(CLUSTER / "kuberay" / "generate.py"), "--check"],
