@@ -70,11 +70,19 @@ def load_runtime_env(path: str | Path = RUNTIME_ENV, *, pip: bool = True, workin
 
 def auth_headers(token: str | None = None) -> dict[str, str]:
     """`Authorization: Bearer` for a cluster with token auth: `token`, else $RAY_AUTH_TOKEN, else
-    the file at $RAY_AUTH_TOKEN_PATH; none when no token is configured (Ray then uses its own)."""
+    the file at $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; none when there is no token.
+
+    Ray's own client reads ~/.ray/auth_token only when RAY_AUTH_MODE=token is set in the submitting
+    shell; without that a laptop holding the cluster's token was refused (401)."""
     token = token or os.environ.get("RAY_AUTH_TOKEN")
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not token and path and Path(path).is_file():
-        token = Path(path).read_text().strip()
+    candidates = [Path(path)] if path else []
+    candidates.append(Path.home() / ".ray" / "auth_token")
+    for p in candidates:
+        if token:
+            break
+        if p.is_file():
+            token = p.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

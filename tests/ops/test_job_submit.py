@@ -83,3 +83,24 @@ def test_missing_gpu_is_named_and_is_a_user_error(ray_cluster):
     with pytest.raises(ClusterError, match=r"pretrain needs GPU=8 but the cluster has GPU=0 after waiting 1s") as e:
         require_resources({"CPU": 1, "GPU": 8}, "pretrain", timeout_s=1.0)
     assert isinstance(e.value, UserError) and isinstance(e.value, RuntimeError)
+
+
+def test_auth_headers_find_the_token_where_ray_get_auth_token_writes_it(monkeypatch, tmp_path):
+    """Without RAY_AUTH_MODE=token in the shell, Ray's client does not read ~/.ray/auth_token and a
+    submit_stage() to a token-auth cluster was refused; ours reads it (explicit token and env first)."""
+    from llmray.submit import auth_headers
+
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("fromfile\n")
+    assert auth_headers() == {"Authorization": "Bearer fromfile"}
+    other = tmp_path / "other_token"
+    other.write_text("frompath")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    assert auth_headers() == {"Authorization": "Bearer frompath"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "fromenv")
+    assert auth_headers() == {"Authorization": "Bearer fromenv"}
+    assert auth_headers("explicit") == {"Authorization": "Bearer explicit"}
