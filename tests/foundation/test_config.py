@@ -85,3 +85,16 @@ def test_configs_are_frozen():
     cfg = Cfg()
     with pytest.raises(Exception):
         cfg.steps = 3  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Role:
+    optimizer: Opt = field(default_factory=lambda: Opt(lr=1e-5, betas=(0.5, 0.6)))
+
+
+def test_partial_nested_mapping_keeps_the_fields_own_default():
+    """`actor.optimizer.lr=...` must not reset the other optimizer keys to the class defaults."""
+    cfg = load(Role, None, ["optimizer.lr=2e-4"])
+    assert cfg.optimizer.lr == pytest.approx(2e-4)
+    assert cfg.optimizer.betas == (0.5, 0.6)  # the role's default, not Opt's (0.9, 0.95)
+    assert build(Role, {}).optimizer.lr == pytest.approx(1e-5)
