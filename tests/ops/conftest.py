@@ -1,10 +1,16 @@
 """A real two-node Ray cluster on this machine, with token auth, that never touches anyone else's Ray.
 
-Each node is `ray start --block` in its own session (setsid) on 127.0.0.1 with every port chosen
-free (GCS, dashboard, client server, node manager, object manager, agents, metrics, worker range),
-its own `--temp-dir`, and HOME pointed at a temp dir holding the token (so ~/.ray/auth_token of
+Each node is `ray start --block --node-ip-address=127.0.0.1` in its own session (setsid) with every
+port chosen free (GCS, dashboard, client server, node manager, object manager, agents, metrics),
+a `--temp-dir` of its own (with a shared one, one node's runtime_env agent deleted environments the
+other node's jobs were using), and HOME pointed at a temp dir holding the token (so ~/.ray/auth_token of
 the machine's user is never read or written). Stopping kills exactly the processes of those
 sessions, by pid: `ray stop` would end every Ray process of the user, including other engineers'.
+
+The dashboard and Jobs API are on 127.0.0.1. Ray 2.60 itself turns 127.0.0.1 into the machine's
+network address once a second node may join, so the GCS and raylets also listen on that address,
+behind the token (docs/operations.md section 2 keeps a hand-started cluster in a network namespace;
+the test's client would then have to run inside it too).
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ class LocalRayCluster:
     def _start(self, args: list[str], name: str) -> None:
         nm, om, agent, agent_grpc, rt_agent, metrics = free_ports(6)
         cmd = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
-               "--object-store-memory=100000000", f"--temp-dir={self.root / 'ray'}", "--disable-usage-stats",
+               "--object-store-memory=100000000", f"--temp-dir={self.root / ('ray-' + name.split('-')[0])}", "--disable-usage-stats",
                f"--node-manager-port={nm}", f"--object-manager-port={om}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}", *args]
@@ -176,7 +182,7 @@ class LocalRayCluster:
 
     def raylet_crashes(self) -> set[str]:
         out = set()
-        for f in self.root.glob("ray/session_*/logs/raylet*.err"):
+        for f in self.root.glob("ray-*/session_*/logs/raylet*.err"):
             try:
                 if "Check failed" in f.read_text(errors="replace"):
                     out.add(str(f))
