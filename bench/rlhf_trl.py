@@ -10,7 +10,8 @@ reward curves go into one PNG.
 
     python bench/rlhf_trl.py                      # 8 updates, 8 prompts x 4 samples x 16 tokens
     python bench/rlhf_trl.py --steps 4 --skip-trl
-Results: bench/results/rlhf_trl.json, bench/results/rlhf_trl_reward.png
+    python bench/rlhf_trl.py --preset small --max-tokens 32   # the pipeline's ~11M model
+Results: bench/results/rlhf_trl[_small].json, bench/results/rlhf_trl[_small]_reward.png
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ print("RESULT " + json.dumps({"step_s": steps, "gen_s": Timed.gen_s, "reward": [
 '''
 
 
-def prepare(work: Path, sft_steps: int) -> tuple[Path, Path]:
+def prepare(work: Path, sft_steps: int, preset: str = "tiny") -> tuple[Path, Path]:
     import importlib.util
     import random
 
@@ -98,8 +99,8 @@ def prepare(work: Path, sft_steps: int) -> tuple[Path, Path]:
         quick_sft = from_file("llmray_rl_sft_setup", ROOT / "tests" / "rl" / "sft_setup.py").quick_sft
         tok = train_tokenizer(sample_texts(), vocab_size=1024)
         save_tokenizer(tok, work / "tokenizer")
-        save_pretrained(build_model(ModelConfig(preset="tiny"), tok, seed=0), tok, work / "base")
-        print(f"SFT of the tiny model ({sft_steps} steps, setup shared by both sides)...", flush=True)
+        save_pretrained(build_model(ModelConfig(preset=preset), tok, seed=0), tok, work / "base")
+        print(f"SFT of the {preset} model ({sft_steps} steps, setup shared by both sides)...", flush=True)
         quick_sft(work / "base", sft, steps=sft_steps)
     prompts = work / "corpus" / "prompts"
     if not prompts.is_dir():
@@ -178,13 +179,16 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sft-steps", type=int, default=100)
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small"],
+                    help="model preset (llmray.models.factory): tiny ~1M, small ~11M parameters")
     ap.add_argument("--skip-trl", action="store_true")
-    ap.add_argument("--work", default=str(ROOT / ".cache" / "bench_rlhf_trl"))
+    ap.add_argument("--work", default=None, help="default: .cache/bench_rlhf_trl[_<preset>]")
     a = ap.parse_args()
-    work = Path(a.work)
+    tag = "" if a.preset == "tiny" else f"_{a.preset}"
+    work = Path(a.work or ROOT / ".cache" / f"bench_rlhf_trl{tag}")
     work.mkdir(parents=True, exist_ok=True)
-    sft, prompts = prepare(work, a.sft_steps)
-    print(f"GRPO: {a.steps} updates, {a.prompts_per_step} prompts x {a.n} samples x {a.max_tokens} tokens, "
+    sft, prompts = prepare(work, a.sft_steps, a.preset)
+    print(f"GRPO on the {a.preset} model: {a.steps} updates, {a.prompts_per_step} prompts x {a.n} samples x {a.max_tokens} tokens, "
           f"lr {a.lr}, beta {a.beta}", flush=True)
     print("llmray ...", flush=True)
     ours = run_llmray(sft, prompts, work, a)
@@ -213,9 +217,10 @@ def main() -> None:
     curves = {"llmray GRPO": list(enumerate(ours["reward"], 1))}
     if theirs:
         curves["TRL GRPOTrainer"] = list(enumerate(theirs["reward"], 1))
-    plot_curves(curves, res / "rlhf_trl_reward.png", "GRPO mean reward per update", ylabel="reward")
-    (res / "rlhf_trl.json").write_text(json.dumps(result, indent=2))
-    print(f"saved {res / 'rlhf_trl.json'} and {res / 'rlhf_trl_reward.png'}")
+    png, out = res / f"rlhf_trl{tag}_reward.png", res / f"rlhf_trl{tag}.json"
+    plot_curves(curves, png, f"GRPO mean reward per update ({a.preset} model)", ylabel="reward")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out} and {png}")
 
 
 if __name__ == "__main__":

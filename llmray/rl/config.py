@@ -151,6 +151,10 @@ class RLConfig:
     """Publish the final policy at `output`."""
     force: bool = False
     """Run even when `output` already holds a complete model artifact."""
+    threads: int | None = None
+    """CPU threads (OMP_NUM_THREADS) of each role's process. The controller runs generation,
+    scoring, log-probs and the update one after another, so on CPU each phase may use every core;
+    default: the driver node's cores (set it when worker nodes differ; GPU runs barely use it)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: TrainRoleConfig = field(default_factory=TrainRoleConfig)
@@ -165,6 +169,7 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
         B = self.algo.batch_size
         roles = [("actor", self.actor.num_workers), ("ref", self.ref.num_workers),
                  ("reward", self.reward.num_workers), ("rollout", self.rollout.num_workers)]

@@ -35,6 +35,11 @@ def _res(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
+def _thread_env(cfg: RLConfig) -> dict[str, str]:
+    """OMP_NUM_THREADS for every role (Ray would set it to the actor's num_cpus, often 1)."""
+    return {"OMP_NUM_THREADS": str(cfg.threads or os.cpu_count() or 1)}
+
+
 def validate_models(cfg: RLConfig) -> dict[str, str]:
     """Every role's model dir exists and all share one tokenizer and vocabulary. Cheap: reads
     tokenizer files and config.json only. Returns role -> dir."""
@@ -101,20 +106,22 @@ class RLRun:
                                  # which is what the actor recomputes with logits / temperature
                                  "logprobs_mode": "raw_logprobs" if r.temperature == 1.0 else "processed_logprobs"}
                                 if r.engine == "vllm" else {})},
-            call_timeout_s=r.call_timeout_s)
+            call_timeout_s=r.call_timeout_s, env=_thread_env(c))
         self.sync = WeightSync(c.weight_sync.bucket_mb, c.weight_sync.timeout_s)
         self._start_trainers()
         pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
         self.groups["ref"] = WorkerGroup(
             "ref", RefWorker, c.ref.num_workers, _res(c.ref.cpus_per_worker, c.ref.gpus_per_worker),
             {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
-            placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s)
+            placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
+            env=_thread_env(c))
         pg_rw = self._colocated("critic") if c.placement.colocate_critic_reward else (None, None)
         self.groups["reward"] = WorkerGroup(
             "reward", RewardWorker, c.reward.num_workers, _res(c.reward.cpus_per_worker, c.reward.gpus_per_worker),
             {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
              "model_weight": c.reward.model_weight},
-            placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s)
+            placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
+            env=_thread_env(c))
 
     def _colocated(self, role: str):
         """The (placement group, bundle indices) of `role`'s group, to share its bundles."""
@@ -156,7 +163,8 @@ class RLRun:
                 role, cls, rc.num_workers, res,
                 {"model_dir": self.dirs[role], "deepspeed": ds, "optimizer": to_dict(rc.optimizer),
                  "total_steps": max(1, total), "seed": c.seed, **extra},
-                placement_group=pg, bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s)
+                placement_group=pg, bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s,
+                env=_thread_env(c))
 
     def restart_trainers(self, cause: str) -> None:
         """Replace the actor and critic groups (a DeepSpeed world cannot lose a rank and go on)."""
@@ -249,7 +257,7 @@ class RLRun:
 
         from llmray.rl.batch import RLBatch
         from llmray.rl.ppo.advantages import masked_mean
-        from llmray.rl.worker_group import call_with_restart
+        from llmray.rl.worker_group import WorkerDiedError, call_with_restart
 
         c, g = self.cfg, self.groups
         times: dict[str, float] = {}
@@ -260,27 +268,40 @@ class RLRun:
                                      on_restart=self._on_rollout_restart, max_restarts=c.rollout.max_restarts)
         times["time/generation_s"] = time.monotonic() - t
         batch = RLBatch.from_rollouts(rollouts, answers, pad_id=self.pad_id)
+        # Scoring, ref and actor log-probs and critic values need only the rollouts: all at once.
+        # On-policy single update (GRPO/RLOO with the KL as a loss term, one epoch, one minibatch):
+        # the actor's pre-update log-probs come from the update's own forward pass instead.
+        fused = self.fused_logprobs()
         t = time.monotonic()
-        batch = call_with_restart(g["reward"], "score", batch)
-        times["time/scoring_s"] = time.monotonic() - t
-        t = time.monotonic()
-        batch = call_with_restart(g["ref"], "log_probs", batch)
-        times["time/ref_s"] = time.monotonic() - t
-        t = time.monotonic()
-        batch = g["actor"].log_probs(batch)
-        times["time/actor_logprobs_s"] = time.monotonic() - t
+        pending = {"reward": g["reward"].submit("score", batch), "ref": g["ref"].submit("log_probs", batch)}
+        if not fused:
+            pending["actor"] = g["actor"].submit("log_probs", batch)
         if c.algo.uses_critic:
-            t = time.monotonic()
-            batch = g["critic"].values(batch)
-            times["time/critic_s"] = time.monotonic() - t
+            pending["critic"] = g["critic"].submit("values", batch)
+        got = {}
+        for role, p in pending.items():
+            try:
+                got[role] = p.result()
+            except WorkerDiedError:
+                if role not in ("reward", "ref"):
+                    raise
+                method = {"reward": "score", "ref": "log_probs"}[role]
+                got[role] = call_with_restart(g[role], method, batch, max_restarts=c.fault.max_trainer_restarts,
+                                              on_restart=lambda grp, ranks, r=role: [self.log_restart(r, k, "died") for k in ranks])
+        times["time/scoring_s"] = time.monotonic() - t
+        batch = batch.replace(scores=got["reward"].scores, correct=got["reward"].correct,
+                              ref_logprobs=got["ref"].ref_logprobs,
+                              logprobs=got["actor"].logprobs if not fused else batch.rollout_logprobs,
+                              values=got["critic"].values if c.algo.uses_critic else None)
         batch, stats = compute_advantages(batch, c.algo, kl_coef)
         mask = batch.response_mask
-        gap = masked_mean((batch.logprobs - batch.rollout_logprobs).abs(), mask).item()
+        gap = None if fused else masked_mean((batch.logprobs - batch.rollout_logprobs).abs(), mask).item()
         t = time.monotonic()
         spec = {"epochs": c.algo.epochs, "minibatch_size": c.algo.minibatch_size // c.actor.num_workers,
                 "clip_eps": c.algo.clip_eps, "entropy_coef": c.algo.entropy_coef,
                 "kl_loss_coef": 0.0 if c.algo.kl_to_reward else kl_coef, "tis_cap": c.algo.tis_cap,
-                "ptx_coef": c.algo.ptx_coef, "temperature": c.rollout.temperature, "seed": c.seed + step}
+                "ptx_coef": c.algo.ptx_coef, "temperature": c.rollout.temperature, "seed": c.seed + step,
+                "on_policy": fused}
         pending = {"actor": g["actor"].submit("update", batch, spec, ptx_ids=ptx_ids)}
         if c.algo.uses_critic:
             pending["critic"] = g["critic"].submit(
@@ -288,6 +309,8 @@ class RLRun:
                 seed=c.seed + step)
         results = {role: p.result() for role, p in pending.items()}
         times["time/training_s"] = time.monotonic() - t
+        if fused:  # the update measured the gap on its own forward pass
+            gap = _mean_dicts(results["actor"]).pop("logprob_gap")
         sync = self.push_weights()
         times["time/weight_sync_s"] = sync["weight_sync/sync_s"]
         lengths = mask.sum(-1)
@@ -307,6 +330,13 @@ class RLRun:
             metrics["critic/value_mean"] = float(masked_mean(batch.values, mask))
         metrics["time/step_s"] = sum(v for k, v in times.items() if k.startswith("time/"))
         return metrics, float(torch.as_tensor(stats["kl/seq_mean"]))
+
+    def fused_logprobs(self) -> bool:
+        """True when pi_old is the current policy for the whole update (one epoch, one minibatch
+        per rank, KL not in the reward), so no separate actor log-prob pass is needed."""
+        a = self.cfg.algo
+        return (not a.uses_critic and not a.kl_to_reward and a.epochs == 1
+                and a.minibatch_size >= a.batch_size and a.tis_cap is None)
 
     def evaluate(self, prompt_ids: list[list[int]], answers: list[str], tokenizer, max_tokens: int) -> float:
         """Greedy task accuracy on held-out prompts, generated by the rollout engines (current weights)."""

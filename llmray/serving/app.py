@@ -47,6 +47,19 @@ async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), 500)
 
 
+async def _pump(stream, first_item, queue: asyncio.Queue) -> None:
+    """Engine outputs of one request -> `queue`, then None (or the exception that stopped it).
+    (None, not a sentinel object: Serve may ship the deployment class by value, copying globals.)"""
+    try:
+        item = first_item
+        while item is not None:
+            queue.put_nowait(item)
+            item = await anext(stream, None)
+        queue.put_nowait(None)
+    except Exception as e:  # noqa: BLE001 - handed to the SSE writer, which reports it in-band
+        queue.put_nowait(e)
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class LLMServer:
@@ -250,41 +263,64 @@ class LLMServer:
                 self.metrics.tpot.labels(self.name).observe((end - first) / (per_seq - 1))
 
     async def _sse(self, route, plan, acc, stream, first_item, start, deadline, want_lp, req):
+        """SSE events of one streamed request. A pump task reads the engine stream into a queue;
+        this generator sends everything that is ready as one chunk, at most every
+        `stream_flush_ms` (the first chunk at once), so a token costs no Ray hop of its own."""
         first_at = None
         ok = False
+        queue: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(_pump(stream, first_item, queue))
+        flush_s = self.cfg.stream_flush_ms / 1000.0
         try:
+            head = b""
             if plan.chat:
-                for k in range(len(acc.choices)):
-                    yield gen.sse({"id": "chatcmpl-" + plan.request_id, "object": "chat.completion.chunk",
-                                   "created": plan.created, "model": self.name,
-                                   "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-            item = first_item
-            while item is not None:
-                i, out = item
-                before = acc.completion_tokens
-                deltas = acc.add(i, out)
-                if first_at is None and acc.completion_tokens:
-                    first_at = time.monotonic()
-                self.metrics.observe_tokens(acc.completion_tokens - before)
-                for chunk in gen.stream_chunks(plan, self.name, deltas, want_lp):
-                    yield gen.sse(chunk)
-                remaining = deadline - time.monotonic()
+                head = b"".join(gen.sse({"id": "chatcmpl-" + plan.request_id, "object": "chat.completion.chunk",
+                                         "created": plan.created, "model": self.name,
+                                         "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
+                                 for k in range(len(acc.choices)))
+            last_flush = None
+            done = False
+            while not done:
                 try:
-                    async with asyncio.timeout(max(0.001, remaining)):
-                        item = await anext(stream, None)
+                    async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                        items = [await queue.get()]
+                        if last_flush is not None and flush_s > 0:
+                            await asyncio.sleep(max(0.0, last_flush + flush_s - time.monotonic()))
                 except TimeoutError:
                     self._count(route, 504, "timeout")
-                    yield gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
-                                           type="timeout_error", code="request_timeout").body())
-                    yield gen.sse("[DONE]")
+                    yield head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
+                                                  type="timeout_error", code="request_timeout").body()) + gen.sse("[DONE]")
                     ok = True
                     return
-            if req.include_usage():
-                yield gen.sse({"id": ("chatcmpl-" if plan.chat else "cmpl-") + plan.request_id,
-                               "object": "chat.completion.chunk" if plan.chat else "text_completion",
-                               "created": plan.created, "model": self.name, "choices": [], "usage": acc.usage()})
-            yield gen.sse("[DONE]")
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                parts = [head]
+                head = b""
+                for item in items:
+                    if item is None:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    i, out = item
+                    before = acc.completion_tokens
+                    deltas = acc.add(i, out)
+                    if first_at is None and acc.completion_tokens:
+                        first_at = time.monotonic()
+                    self.metrics.observe_tokens(acc.completion_tokens - before)
+                    parts.extend(gen.sse(chunk) for chunk in gen.stream_chunks(plan, self.name, deltas, want_lp))
+                if done:
+                    if req.include_usage():
+                        parts.append(gen.sse({"id": ("chatcmpl-" if plan.chat else "cmpl-") + plan.request_id,
+                                              "object": "chat.completion.chunk" if plan.chat else "text_completion",
+                                              "created": plan.created, "model": self.name, "choices": [],
+                                              "usage": acc.usage()}))
+                    parts.append(gen.sse("[DONE]"))
+                chunk = b"".join(parts)
+                if chunk:
+                    last_flush = time.monotonic()
+                    yield chunk
             ok = True
             self._count(route, 200)
             self.metrics.prompt_tokens.labels(self.name).inc(acc.prompt_tokens)
@@ -302,8 +338,13 @@ class LLMServer:
         finally:
             if not ok:  # the client went away mid-stream
                 self.metrics.errors.labels(self.name, route, "client_disconnected").inc()
-            # A client that went away cancels this generator: closing the engine stream aborts
-            # the vLLM request, which frees its slot and KV cache.
+            # A client that went away cancels this generator: stopping the pump and closing the
+            # engine stream aborts the vLLM request, which frees its slot and KV cache.
+            pump.cancel()
+            try:
+                await pump
+            except BaseException:  # noqa: BLE001 - cancelled, or its error was already reported
+                pass
             await stream.aclose()
             self._release()
 

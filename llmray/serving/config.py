@@ -122,6 +122,10 @@ class ServeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    stream_flush_ms: float = 20.0
+    """Streaming: SSE events ready within this window leave the replica as one HTTP chunk, which
+    saves a hop through Serve's proxy per token. The first chunk is never held; 0 = one chunk per
+    engine output, as soon as it exists."""
     block: bool = True
     """`run`: wait for Ctrl-C after the server is up (false: return at once, leaving it running)."""
     ready_timeout_s: float = 600.0
@@ -131,6 +135,7 @@ class ServeConfig:
         check(self.route_prefix.startswith("/"), "route_prefix", "must start with /")
         check(self.api_key is None or len(self.api_key) >= 8, "api_key", "must be at least 8 characters")
         check(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+        check(0 <= self.stream_flush_ms <= 1000, "stream_flush_ms", f"must be in [0, 1000], got {self.stream_flush_ms}")
 
     def name(self) -> str:
         from pathlib import Path

@@ -35,3 +35,19 @@ def rl_prompts(tmp_path_factory) -> Path:
                 f.write(json.dumps(tasks.prompt_record(tasks.make_task(rng))) + "\n")
     return root
 
+
+
+@pytest.fixture(scope="session")
+def rl_fixed_prompts(tmp_path_factory) -> Path:
+    """Eight task prompts, used as both the RL set and the eval set: with prompts_per_step=8 every
+    step samples the same prompts, so a rising reward is learning, not an easier draw of prompts."""
+    from llmray.data import tasks
+
+    root = tmp_path_factory.mktemp("rl_fixed_prompts")
+    rng = random.Random(3)
+    lines = [json.dumps(tasks.prompt_record(tasks.make_task(rng, kind))) + "\n"
+             for kind in ("add", "sub", "max", "repeat") * 2]
+    for split in ("prompts", "eval"):
+        (root / split).mkdir()
+        (root / split / "part-00000.jsonl").write_text("".join(lines))
+    return root

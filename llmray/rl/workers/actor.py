@@ -32,6 +32,9 @@ class PolicyUpdate:
     """PPO-ptx: weight of the language-modelling loss on `ptx_ids` mixed into every minibatch."""
     temperature: float = 1.0
     seed: int = 0
+    on_policy: bool = False
+    """pi_old = this pass's own log-probs (detached): one epoch, one minibatch, no actor pre-pass.
+    The batch's `logprobs` are then ignored; `logprob_gap` (vs the rollout engine) is returned."""
 
 
 class ActorWorker:
@@ -76,7 +79,7 @@ class ActorWorker:
         from llmray.rl.ppo.losses import policy_loss, tis_weights
 
         u = PolicyUpdate(**spec)
-        if batch.advantages is None or batch.logprobs is None:
+        if batch.advantages is None or (batch.logprobs is None and not u.on_policy):
             raise ValueError("actor.update needs advantages and logprobs in the batch")
         start = time.monotonic()
         self.engine.module.train()
@@ -89,6 +92,11 @@ class ActorWorker:
             for k, mb in micro:
                 lp, ent = response_logprobs(self.engine.module, mb, with_entropy=True, temperature=u.temperature)
                 mask = mb.response_mask
+                if u.on_policy:
+                    mb = mb.replace(logprobs=lp.detach())
+                    if mb.rollout_logprobs is not None:
+                        gap = masked_mean((lp.detach() - mb.rollout_logprobs).abs(), mask).item()
+                        sums["logprob_gap"] = sums.get("logprob_gap", 0.0) + gap
                 weights = None
                 if u.tis_cap is not None and mb.rollout_logprobs is not None:
                     weights = tis_weights(mb.logprobs, mb.rollout_logprobs, u.tis_cap)
