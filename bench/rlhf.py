@@ -1,7 +1,7 @@
 """RLHF benchmark: (a) rollout tokens/s of a vLLM RolloutWorker vs an HFRolloutWorker (batched
 transformers `generate`) inside the same kind of Ray actor, same model and prompts; (b) the time
-of one PPO step split by phase (generation, scoring, ref, actor logprobs, critic, training,
-weight sync) from a short run of the real controller, and weight sync's share of the step.
+of one PPO step split by phase (generation; scoring = reward, ref and actor log-probs and critic
+values at once; training; weight sync) from a short run of the real controller, and weight sync's share of the step.
 
     python bench/rlhf.py                          # small preset (~11M params), 64 prompts x 64 tokens
     python bench/rlhf.py --preset tiny --prompts 32 --max-tokens 32 --ppo-steps 3
@@ -48,7 +48,10 @@ def build_models(work: Path, preset: str) -> tuple[Path, Path]:
 
 
 def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats: int) -> dict:
-    """Tokens/s of each engine in a one-worker rollout group (1 CPU), fixed-length generations."""
+    """Tokens/s of each engine in a one-worker rollout group (1 CPU), fixed-length generations. Both
+    get the node's cores as threads, as the RL controller gives its rollout workers."""
+    import os
+
     from transformers import AutoTokenizer
 
     from llmray.data import tasks
@@ -65,7 +68,8 @@ def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats
     for name, cls, kw in (("vllm", RolloutWorker, {"dtype": "auto", "enforce_eager": True, "kv_cache_gb": 1}),
                           ("hf", HFRolloutWorker, {"dtype": "float32", "batch_size": n_prompts})):
         t0 = time.perf_counter()
-        g = WorkerGroup("rollout", cls, 1, {"CPU": 1}, {"model_dir": str(model_dir), "max_model_len": 512, **kw})
+        g = WorkerGroup("rollout", cls, 1, {"CPU": 1}, {"model_dir": str(model_dir), "max_model_len": 512, **kw},
+                        env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
         start_s = time.perf_counter() - t0
         try:
             g.generate(prompts[:4], {**sampling, "max_tokens": 4})  # warm-up (compile, allocator)
@@ -84,7 +88,8 @@ def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats
     return out
 
 
-PHASES = ("generation", "scoring", "ref", "actor_logprobs", "critic", "training", "weight_sync")
+# scoring = reward, ref and actor log-probs and critic values, which run at once
+PHASES = ("generation", "scoring", "training", "weight_sync")
 
 
 def ppo_step_phases(model_dir: Path, corpus: Path, work: Path, steps: int, max_tokens: int) -> dict:

@@ -124,8 +124,8 @@ class ServeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     stream_flush_ms: float = 20.0
     """Streaming: SSE events ready within this window leave the replica as one HTTP chunk, which
-    saves a hop through Serve's proxy per token. The first chunk is never held; 0 = one chunk per
-    engine output, as soon as it exists."""
+    saves a hop through Serve's proxy per token. The first chunk is never held; 0 = send whatever
+    is ready at once, without waiting."""
     block: bool = True
     """`run`: wait for Ctrl-C after the server is up (false: return at once, leaving it running)."""
     ready_timeout_s: float = 600.0
