@@ -35,9 +35,19 @@ def _res(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
+def _thread_budget(cfg: RLConfig) -> int:
+    return cfg.threads or os.cpu_count() or 1
+
+
 def _thread_env(cfg: RLConfig) -> dict[str, str]:
     """OMP_NUM_THREADS for every role (Ray would set it to the actor's num_cpus, often 1)."""
-    return {"OMP_NUM_THREADS": str(cfg.threads or os.cpu_count() or 1)}
+    return {"OMP_NUM_THREADS": str(_thread_budget(cfg))}
+
+
+def phase_threads(budget: int, busy_roles: int) -> int:
+    """Torch threads per role when `busy_roles` roles compute at once on `budget` cores: their
+    share, at least 1 (OpenMP threads beyond the cores spin against each other)."""
+    return max(1, budget // max(1, busy_roles))
 
 
 def validate_models(cfg: RLConfig) -> dict[str, str]:
@@ -273,11 +283,14 @@ class RLRun:
         # the actor's pre-update log-probs come from the update's own forward pass instead.
         fused = self.fused_logprobs()
         t = time.monotonic()
-        pending = {"reward": g["reward"].submit("score", batch), "ref": g["ref"].submit("log_probs", batch)}
+        busy = 1 + (not fused) + c.algo.uses_critic + (c.reward.kind != "rule")  # ref, actor, critic, reward model
+        th = phase_threads(_thread_budget(c), busy)
+        pending = {"reward": g["reward"].submit("score", batch, threads=th),
+                   "ref": g["ref"].submit("log_probs", batch, threads=th)}
         if not fused:
-            pending["actor"] = g["actor"].submit("log_probs", batch)
+            pending["actor"] = g["actor"].submit("log_probs", batch, threads=th)
         if c.algo.uses_critic:
-            pending["critic"] = g["critic"].submit("values", batch)
+            pending["critic"] = g["critic"].submit("values", batch, threads=th)
         got = {}
         for role, p in pending.items():
             try:
@@ -302,11 +315,12 @@ class RLRun:
                 "kl_loss_coef": 0.0 if c.algo.kl_to_reward else kl_coef, "tis_cap": c.algo.tis_cap,
                 "ptx_coef": c.algo.ptx_coef, "temperature": c.rollout.temperature, "seed": c.seed + step,
                 "on_policy": fused}
-        pending = {"actor": g["actor"].submit("update", batch, spec, ptx_ids=ptx_ids)}
+        th = phase_threads(_thread_budget(c), 1 + c.algo.uses_critic)
+        pending = {"actor": g["actor"].submit("update", batch, spec, ptx_ids=ptx_ids, threads=th)}
         if c.algo.uses_critic:
             pending["critic"] = g["critic"].submit(
                 "update", batch, c.algo.epochs, c.algo.minibatch_size // c.critic.num_workers, c.algo.value_clip,
-                seed=c.seed + step)
+                seed=c.seed + step, threads=th)
         results = {role: p.result() for role, p in pending.items()}
         times["time/training_s"] = time.monotonic() - t
         if fused:  # the update measured the gap on its own forward pass

@@ -84,8 +84,17 @@ class _Host:
         self.worker = worker_cls(**init_kwargs)
         return os.getpid()
 
-    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
-        return getattr(self.worker, method)(*args, **kwargs)
+    def call(self, method: str, args: tuple, kwargs: dict, threads: int | None = None) -> Any:
+        if not threads:
+            return getattr(self.worker, method)(*args, **kwargs)
+        import torch  # this call's share of the node's cores (other roles may run at the same time)
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return getattr(self.worker, method)(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
 
     def ping(self) -> bool:
         return True
@@ -218,8 +227,10 @@ class WorkerGroup:
         return bound
 
     def submit(self, method: str, *args, dispatch: str | None = None, timeout_s: float | None = None,
-               **kwargs) -> PendingCall:
-        """Start a call on the group without waiting (run several roles at once)."""
+               threads: int | None = None, **kwargs) -> PendingCall:
+        """Start a call on the group without waiting (run several roles at once). `threads`: torch
+        threads each worker uses for this call, so that roles sharing a node's cores do not
+        oversubscribe them."""
         decl = _dispatch.declared(self.worker_cls, method)
         mode = dispatch or decl["mode"]
         if mode not in _dispatch.DISPATCH_MODES:
@@ -233,7 +244,7 @@ class WorkerGroup:
             per_rank = [(args, kwargs)] * self.num_workers
         else:
             ranks, per_rank = [0], [(args, kwargs)]
-        refs = [self.actors[r].call.remote(method, a, kw) for r, (a, kw) in zip(ranks, per_rank)]
+        refs = [self.actors[r].call.remote(method, a, kw, threads) for r, (a, kw) in zip(ranks, per_rank)]
         return PendingCall(self, method, mode, ranks, refs, timeout_s)
 
     def call(self, method: str, *args, dispatch: str | None = None, timeout_s: float | None = None, **kwargs) -> Any:

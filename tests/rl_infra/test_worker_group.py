@@ -56,6 +56,12 @@ class Echo:
     def count(self) -> int:
         return self.calls
 
+    @register("broadcast")
+    def torch_threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
 
 @pytest.fixture(scope="module")
 def group(ray_cluster):
@@ -113,6 +119,20 @@ def test_worker_exception_keeps_type_and_names_rank(group):
 def test_unknown_method(group):
     with pytest.raises(AttributeError, match="no_such"):
         group.no_such()
+
+
+def test_call_threads_apply_to_that_call_only(group):
+    before = group.torch_threads()
+    assert group.submit("torch_threads", threads=1).result() == [1, 1, 1]
+    assert group.submit("torch_threads", threads=3).result() == [3, 3, 3]
+    assert group.torch_threads() == before
+
+
+def test_phase_threads_split_the_cores():
+    from llmray.rl.controller import phase_threads
+
+    assert phase_threads(8, 1) == 8 and phase_threads(8, 3) == 2 and phase_threads(2, 4) == 1
+    assert phase_threads(2, 0) == 2
 
 
 def test_submit_runs_groups_concurrently(group):
