@@ -234,6 +234,10 @@ def ordered_parquet(paths: list[str], columns: list[str]) -> "ray.data.Dataset":
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # Ray Data 2.60's V2 parquet reader lists files by starting 32 footer-reader actors each time
+    # the dataset runs (in every Train worker, and again after a restart): 4-20 s before the first
+    # batch on a 2-core node, against 0.1-2 s for the V1 reader, which also keeps the files' order.
+    ctx.use_datasource_v2 = False
     return ray.data.read_parquet(paths, shuffle=None).select_columns(columns)
 
 

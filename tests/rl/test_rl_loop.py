@@ -93,6 +93,7 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
     assert (Path(cfg.run_dir) / "reward.png").stat().st_size > 0 and (Path(cfg.run_dir) / "kl.png").is_file()
     if algorithm == "rloo":
         assert not any(k.startswith("critic/") for k in rows[0])  # no critic group for rloo
+        _check_resume(cfg)
     _expect_rise(f"{algorithm} reward", r0, r1, 0.03)
     _expect_rise(f"{algorithm} accuracy", a0, a1, 0.0)
     assert e1 >= e0, f"{algorithm} greedy accuracy on the RL prompts fell: {e0:.3f} -> {e1:.3f}"
@@ -158,16 +159,15 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     _expect_rise("grpo reward with kills", r0, r1, 0.03)
 
 
-def test_resume_continues_from_the_last_checkpoint(rl_sft_model, rl_prompts, tmp_path):
+def _check_resume(cfg) -> None:
+    """A second run with one more step resumes from the last complete checkpoint (step 8) and runs
+    step 9 only. (Part of the RLOO rise test, whose eight steps it reuses.)"""
+    from llmray.config import replace
     from llmray.rl.controller import run
 
-    args = ("algo.algorithm=rloo", "checkpoint.every_n_steps=2", "eval_every=-1", "rollout.max_tokens=8")
-    out = run(small_config(rl_sft_model, rl_prompts, tmp_path, *args, "steps=2"))
-    assert out["steps"] == 2
-    ckpt = Path(tmp_path / "run" / "checkpoints" / "step_00000002" / "COMPLETE.json")
-    meta = json.loads(ckpt.read_text())
-    assert meta["step"] == 2 and meta["prompts_consumed"] == 16 and meta["kl"]["kind"] == "fixed"
-    out = run(small_config(rl_sft_model, rl_prompts, tmp_path, *args, "steps=3"))
-    assert out["steps"] == 3
-    steps = [r["step"] for r in _rows(tmp_path / "run")]
-    assert steps == [1, 2, 3]  # step 3 only: steps 1-2 were not redone
+    run_dir = Path(cfg.run_dir)
+    meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "COMPLETE.json").read_text())
+    assert meta["step"] == 8 and meta["prompts_consumed"] == 64 and meta["kl"]["kind"] == "fixed"
+    out = run(replace(cfg, steps=9))
+    assert out["steps"] == 9
+    assert [r["step"] for r in _rows(run_dir)] == list(range(1, 10))  # steps 1-8 were not redone
