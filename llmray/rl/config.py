@@ -152,9 +152,10 @@ class RLConfig:
     force: bool = False
     """Run even when `output` already holds a complete model artifact."""
     threads: int | None = None
-    """CPU threads (OMP_NUM_THREADS) of each role's process. The controller runs generation,
-    scoring, log-probs and the update one after another, so on CPU each phase may use every core;
-    default: the driver node's cores (set it when worker nodes differ; GPU runs barely use it)."""
+    """CPU cores the roles share (OMP_NUM_THREADS of each role's process). Phases run one after
+    another; within a phase, the roles computing at once (ref, actor, critic, reward model while
+    scoring; actor and critic while training) split these cores between them. Default: the driver
+    node's cores (set it when worker nodes differ; GPU runs barely use it)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: TrainRoleConfig = field(default_factory=TrainRoleConfig)
