@@ -122,7 +122,7 @@ class ServeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    stream_flush_ms: float = 20.0
+    stream_flush_ms: float = 50.0
     """Streaming: SSE events ready within this window leave the replica as one HTTP chunk, which
     saves a hop through Serve's proxy per token. The first chunk is never held; 0 = send whatever
     is ready at once, without waiting."""

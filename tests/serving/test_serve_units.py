@@ -129,10 +129,13 @@ def test_metrics_parse_and_sum():
 
     m = ServingMetrics("m")
     m.observe_tokens(10)
+    for _ in range(1000):  # the 10-second window keeps a running sum
+        m.observe_tokens(1)
     m.observe_engine(running=3, waiting=2, drafted=8, accepted=6)
     m.observe_engine(running=1, waiting=0, drafted=2, accepted=0)
     p = parse_prometheus(m.render().decode())
-    assert metric_sum(p, "llmray_generation_tokens_total") == 10
+    assert metric_sum(p, "llmray_generation_tokens_total") == 1010
+    assert metric_sum(p, "llmray_generation_tokens_per_second") == pytest.approx(1010, rel=0.01)
     assert metric_sum(p, "llmray_queue_length") == 0 and metric_sum(p, "llmray_engine_running_requests") == 1
     assert metric_sum(p, "llmray_spec_decode_acceptance_rate") == pytest.approx(0.6)
 
