@@ -78,6 +78,38 @@ def generate_greedy(loaded, prompts: list[list[dict]], max_new_tokens: int = 16,
     return out
 
 
+def sampled_accuracy(loaded, records: list[dict], k: int = 8, temperature: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0, batch_size: int = 32) -> dict:
+    """Mean correctness of `k` samples per prompt at `temperature` (mean@k): the policy as it is
+    sampled, which is what RL optimises. Also the share of prompts with at least one correct
+    sample (pass@k)."""
+    import torch
+
+    from llmray.data import tasks
+
+    model, tok = loaded
+    tok.padding_side = "left"
+    torch.manual_seed(seed)
+    per_prompt: list[float] = []
+    any_correct = 0
+    with torch.no_grad():
+        for i in range(0, len(records), batch_size):
+            part = records[i : i + batch_size]
+            texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in part]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_k=0, top_p=1.0, num_return_sequences=k,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            responses = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            for j, r in enumerate(part):
+                hits = [tasks.is_correct(r["answer"], resp) for resp in responses[j * k:(j + 1) * k]]
+                per_prompt.append(sum(hits) / k)
+                any_correct += any(hits)
+    n = max(len(per_prompt), 1)
+    return {"mean_at_k": sum(per_prompt) / n, "pass_at_k": any_correct / n, "k": k, "temperature": temperature,
+            "n": len(per_prompt), "per_prompt": per_prompt}
+
+
 def task_accuracy(loaded, records: list[dict], max_new_tokens: int = 16) -> dict:
     """Accuracy and mean rule-based reward on `{"prompt": messages, "answer": str}` records."""
     from llmray.data import tasks

@@ -59,6 +59,9 @@ class PipelineConfig:
     """Requests sent to the endpoint at the end; their answers are printed."""
     eval_prompts: int = 200
     heldout_documents: int = 64
+    sampled_k: int = 4
+    """Samples per held-out prompt (temperature 1) for the sampled accuracy (mean@k) of the SFT and
+    RL models: the policy as RL trains it. 0 skips it."""
     ray: RayConfig = field(default_factory=RayConfig)
     corpus: dict[str, Any] = field(default_factory=dict)
     clean_dedup: dict[str, Any] = field(default_factory=dict)
@@ -253,6 +256,10 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths) -> dict:
             out["task_accuracy"] = round(acc["accuracy"], 4)
             out["task_mean_reward"] = round(acc["mean_reward"], 4)
             out["eval_examples"] = acc["examples"]
+            if cfg.sampled_k and name in ("sft", "ppo"):
+                sampled = evaluation.sampled_accuracy(loaded, eval_rows, k=cfg.sampled_k)
+                out["sampled_accuracy"] = round(sampled["mean_at_k"], 4)
+                out["sampled_pass_at_k"] = round(sampled["pass_at_k"], 4)
     except Exception as e:  # noqa: BLE001 - a model transformers cannot load (e.g. quantized) is reported, not fatal
         log.warning("evaluation of %s skipped: %s", name, e)
         out["eval_error"] = str(e)[:300]

@@ -22,7 +22,7 @@ RUN_KEY = "run"
 KEY_NUMBERS = ("documents", "documents_in", "documents_out", "duplicates_removed", "exact_duplicates",
                "near_duplicates", "tokens", "num_tokens", "num_sequences", "final_loss", "steps",
                "tokens_per_s", "accuracy", "eval_accuracy", "heldout_accuracy", "heldout_ppl",
-               "task_accuracy", "task_mean_reward", "mean_reward", "perplexity_increase",
+               "task_accuracy", "sampled_accuracy", "task_mean_reward", "mean_reward", "perplexity_increase",
                "size_ratio", "latency_p50_s", "elapsed_s")
 
 
@@ -89,10 +89,15 @@ def write_report(paths, results: dict) -> Path:
     md.append("")
     evals = [(s, r) for s, r in stages.items() if "heldout_ppl" in r or "task_accuracy" in r]
     if evals:
-        md += ["## Held-out perplexity and task accuracy", "", "| model after | held-out ppl | task accuracy | mean reward |",
-               "|---|---|---|---|"]
+        md += ["## Held-out perplexity and task accuracy", "",
+               "Task accuracy is greedy; sampled accuracy is the mean correctness of k samples per prompt at "
+               "temperature 1 (mean@k), the policy as RL samples and trains it; pass@k is the share of prompts "
+               "with at least one correct sample.", "",
+               "| model after | held-out ppl | task accuracy (greedy) | sampled accuracy (mean@k) | pass@k | mean reward |",
+               "|---|---|---|---|---|---|"]
         for s, r in evals:
-            md.append(f"| {s} | {r.get('heldout_ppl', '—')} | {r.get('task_accuracy', '—')} | {r.get('task_mean_reward', '—')} |")
+            md.append(f"| {s} | {r.get('heldout_ppl', '—')} | {r.get('task_accuracy', '—')} | {r.get('sampled_accuracy', '—')} "
+                      f"| {r.get('sampled_pass_at_k', '—')} | {r.get('task_mean_reward', '—')} |")
         md.append("")
     dropped = _flatten(results.get("clean-dedup", {}))
     drop_rows = [(k, v) for k, v in dropped.items() if "drop" in k.lower() and isinstance(v, (int, float))]
