@@ -82,6 +82,7 @@ class PipelineConfig:
             check(STEP_NAMES.index(self.from_stage) <= STEP_NAMES.index(self.until_stage), "until_stage",
                   f"{self.until_stage} comes before from_stage {self.from_stage}")
         check(self.demo_requests >= 0, "demo_requests", "must be >= 0")
+        check(self.sampled_k >= 0, "sampled_k", f"must be >= 0 (0 skips the sampled accuracy), got {self.sampled_k}")
 
 
 class Paths:

@@ -56,3 +56,14 @@ def test_flags_become_overrides():
 
     assert _flags_to_overrides(["--from", "sft", "--until=ppo", "--keep-serving", "--model=/m"]) == [
         "from_stage=sft", "until_stage=ppo", "keep_serving=true", "model=/m"]
+
+
+def test_pipeline_config_names_a_bad_sampled_k():
+    import pytest
+
+    from llmray.config import ConfigError, build
+    from llmray.pipeline import PipelineConfig
+
+    assert build(PipelineConfig, {"sampled_k": 0}).sampled_k == 0
+    with pytest.raises(ConfigError, match="sampled_k"):
+        build(PipelineConfig, {"sampled_k": -1})
