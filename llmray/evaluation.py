@@ -59,9 +59,10 @@ def perplexity(loaded, texts: list[str], max_len: int = 256, batch_size: int = 8
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def generate_greedy(loaded, prompts: list[list[dict]], max_new_tokens: int = 16,
-                    batch_size: int = 32) -> list[str]:
-    """Greedy chat completions with transformers (left padding), decoded without special tokens."""
+def _generate(loaded, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+              num_return_sequences: int = 1, **sampling) -> list[str]:
+    """Chat completions with transformers (left padding), decoded without special tokens;
+    `num_return_sequences` per prompt, in prompt order."""
     import torch
 
     model, tok = loaded
@@ -72,10 +73,16 @@ def generate_greedy(loaded, prompts: list[list[dict]], max_new_tokens: int = 16,
             texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[i : i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
             out += tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return out
+
+
+def generate_greedy(loaded, prompts: list[list[dict]], max_new_tokens: int = 16,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy chat completions with transformers (left padding), decoded without special tokens."""
+    return _generate(loaded, prompts, max_new_tokens, batch_size, do_sample=False)
 
 
 def sampled_accuracy(loaded, records: list[dict], k: int = 8, temperature: float = 1.0,
@@ -87,27 +94,14 @@ def sampled_accuracy(loaded, records: list[dict], k: int = 8, temperature: float
 
     from llmray.data import tasks
 
-    model, tok = loaded
-    tok.padding_side = "left"
     torch.manual_seed(seed)
-    per_prompt: list[float] = []
-    any_correct = 0
-    with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            part = records[i : i + batch_size]
-            texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in part]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_k=0, top_p=1.0, num_return_sequences=k,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            responses = tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-            for j, r in enumerate(part):
-                hits = [tasks.is_correct(r["answer"], resp) for resp in responses[j * k:(j + 1) * k]]
-                per_prompt.append(sum(hits) / k)
-                any_correct += any(hits)
+    responses = _generate(loaded, [r["prompt"] for r in records], max_new_tokens, batch_size,
+                          num_return_sequences=k, do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    per_prompt = [sum(tasks.is_correct(r["answer"], resp) for resp in responses[j * k:(j + 1) * k]) / k
+                  for j, r in enumerate(records)]
     n = max(len(per_prompt), 1)
-    return {"mean_at_k": sum(per_prompt) / n, "pass_at_k": any_correct / n, "k": k, "temperature": temperature,
-            "n": len(per_prompt), "per_prompt": per_prompt}
+    return {"mean_at_k": sum(per_prompt) / n, "pass_at_k": sum(p > 0 for p in per_prompt) / n, "k": k,
+            "temperature": temperature, "n": len(per_prompt), "per_prompt": per_prompt}
 
 
 def task_accuracy(loaded, records: list[dict], max_new_tokens: int = 16) -> dict:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,8 +61,6 @@ def test_flags_become_overrides():
 
 
 def test_pipeline_config_names_a_bad_sampled_k():
-    import pytest
-
     from llmray.config import ConfigError, build
     from llmray.pipeline import PipelineConfig
 
