@@ -9,6 +9,7 @@ directory as a `model` artifact with the run's metrics and a loss-curve PNG.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -194,24 +195,29 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     env = {"OMP_NUM_THREADS": str(sc.threads_per_worker), "DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))}
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
-    trainer = TorchTrainer(
-        train_loop_per_worker=_worker_entry,
-        train_loop_config={"spec": spec, "env": env},
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=RayScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                  resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
-        run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Retention is ours (keep_last, only after the newer checkpoint is complete).
-            checkpoint_config=RayCheckpointConfig(num_to_keep=None),
-        ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    t0 = time.monotonic()
-    trainer.fit()
+    # Progress is the step log. Ray Data's bars for the workers' reads were never closed when the
+    # workers exited, so the driver kept redrawing them through every later stage's output. Off in
+    # both contexts: the dataset's own, and the driver's current one that Ray Train copies to workers.
+    dataset.context.enable_progress_bars = False
+    with _data_progress_bars(False):
+        trainer = TorchTrainer(
+            train_loop_per_worker=_worker_entry,
+            train_loop_config={"spec": spec, "env": env},
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=RayScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                      resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+            run_config=RunConfig(
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # Retention is ours (keep_last, only after the newer checkpoint is complete).
+                checkpoint_config=RayCheckpointConfig(num_to_keep=None),
+            ),
+            datasets={"train": dataset},
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        )
+        t0 = time.monotonic()
+        trainer.fit()
     wall = time.monotonic() - t0
     res_file = run_dir / "result.json"
     if not res_file.is_file():
@@ -219,6 +225,19 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     result = json.loads(res_file.read_text())
     result["wall_time_s"] = round(wall, 2)
     return result
+
+
+@contextlib.contextmanager
+def _data_progress_bars(enabled: bool):
+    """Ray Data's progress bars on or off in this process's current data context, restored after."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.enable_progress_bars = ctx.enable_progress_bars, enabled
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
