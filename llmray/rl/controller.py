@@ -473,7 +473,9 @@ def run(cfg: RLConfig) -> dict:
         plot_curves({"reward": series(rows, "rollout/reward_mean"), "accuracy": series(rows, "rollout/accuracy")},
                     out / "reward.png", f"{cfg.algo.algorithm}: reward and accuracy")
         plot_curves({"KL (seq)": series(rows, "kl/seq_mean")}, out / "kl.png", f"{cfg.algo.algorithm}: KL to ref")
-        final = {k: v for k, v in rows[-1].items() if isinstance(v, (int, float))} if rows else {}
+        # The last training step's row (the final eval writes a row of its own after it).
+        last = next((r for r in reversed(rows) if "rollout/reward_mean" in r), {})
+        final = {k: v for k, v in last.items() if isinstance(v, (int, float))}
         model_dir = None
         if cfg.save_model:
             model_dir = Path(cfg.output)

@@ -86,6 +86,8 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
     out = run(cfg)
     rows = _rows(Path(cfg.run_dir))
     assert out["steps"] == 8 and [r["step"] for r in rows] == list(range(1, 9))
+    # The summary's last reward is the last training step's, not the final eval row's (which has none).
+    assert out["reward_last"] == rows[-1]["rollout/reward_mean"] and out["reward_first"] == rows[0]["rollout/reward_mean"]
     r0, r1 = _rise(rows, "rollout/reward_mean")
     a0, a1 = _rise(rows, "rollout/accuracy")
     (_, e0), (_, e1) = out["eval_accuracy"][0], out["eval_accuracy"][-1]
