@@ -15,8 +15,11 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 # Environment every Ray worker of ours gets: DeepSpeed on the CPU accelerator when there is no
-# GPU, quiet tokenizers, and no vLLM usage reporting (no network here).
+# GPU, quiet tokenizers, and no vLLM usage reporting (no network here). Ray Train's print patch
+# is off: it tees each worker `print` to stdout and to a logger on stderr, so every step line
+# reached the driver twice; the steps are also in the run's metrics.jsonl.
 WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
@@ -24,6 +27,10 @@ WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
+
+# A local cluster is one machine that no cloud reclaims: Ray Train's preemption watcher (one more
+# actor process per training run, polling the node's drain state) has nothing to watch there.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class ClusterError(UserError, RuntimeError):
@@ -79,11 +86,11 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return ray.cluster_resources()
-    env = worker_env(cfg.env)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    env = worker_env({**({} if address else LOCAL_ONLY_ENV), **cfg.env})
     for k, v in env.items():  # the driver too, so code paths agree on both sides
         os.environ.setdefault(k, v)
-    runtime_env = {"env_vars": _not_set_by_job(env)}
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env: dict = {"env_vars": _not_set_by_job(env)}
     if address:
         log.info("joining Ray cluster at %s", address)
         wait_reachable(address, cfg.connect_timeout_s)
@@ -102,11 +109,25 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
         )
         if cfg.dashboard:
             kwargs["dashboard_host"] = LOOPBACK
+        else:
+            runtime_env["worker_process_setup_hook"] = "llmray.cluster.quiet_state_api_warnings"
         if cfg.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.object_store_memory_gb * 2**30)
         kwargs.update(overrides)
         ray.init(**kwargs)
     return ray.cluster_resources()
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker set-up hook of a local cluster started without the dashboard (the default).
+
+    Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
+    whether the run's controller is still alive; without a dashboard each ask fails with a warning
+    that reached the driver's output about once a second for every training run. The cleaner is for
+    controllers that die without cleaning up; in a local cluster the placement group goes with the
+    cluster at shutdown. Start with `ray.dashboard=true` to have both the dashboard and the cleaner.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _pin_local_node_to_loopback() -> None:
