@@ -37,6 +37,12 @@ def setup_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = os.environ.get("LLMRAY_ROOT") or os.getcwd()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(root, ".cache", "torch_extensions"))
+    # DeepSpeed's ZeRO-2/3 collectives call torch's renamed all_gather_into_tensor /
+    # reduce_scatter_tensor, and torch warned at every call: dozens of lines per run, nothing to act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
 
 
 def init_distributed(backend: str = "auto") -> None:
