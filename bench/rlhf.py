@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -51,7 +52,6 @@ def build_models(work: Path, preset: str) -> tuple[Path, Path]:
 def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats: int) -> dict:
     """Tokens/s of each engine in a one-worker rollout group (1 CPU), fixed-length generations. Both
     get the node's cores as threads, as the RL controller gives its rollout workers."""
-    import os
 
     from transformers import AutoTokenizer
 
@@ -180,8 +180,6 @@ def main() -> None:
     print(f"model: {args.preset} preset, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.max_tokens} tokens")
     print("(a) rollout throughput, one worker, 1 CPU each:", flush=True)
     a = rollout_throughput(model_dir, args.prompts, args.max_tokens, args.repeats)
-    import os
-
     ceil = matmul_ceiling(model_dir, args.prompts, os.cpu_count() or 1)
     print(f"(b) PPO step phases, {args.ppo_steps} steps of 8 prompts x 4 samples x {args.ppo_max_tokens} tokens:", flush=True)
     b = ppo_step_phases(model_dir, corpus, work, args.ppo_steps, args.ppo_max_tokens)
