@@ -17,9 +17,13 @@ LOOPBACK = "127.0.0.1"
 # Environment every Ray worker of ours gets: DeepSpeed on the CPU accelerator when there is no
 # GPU, quiet tokenizers, and no vLLM usage reporting (no network here). Ray Train's print patch
 # is off: it tees each worker `print` to stdout and to a logger on stderr, so every step line
-# reached the driver twice; the steps are also in the run's metrics.jsonl.
+# reached the driver twice; the steps are also in the run's metrics.jsonl. Ray Train's controller
+# takes one reported result per health check, from a queue of one: at its default 2 s interval each
+# `ray.train.report` after the first blocked its worker up to 2 s, and a run ended about 2 s per
+# report still queued (6 s of a 12-step test run). 0.5 s costs one small call per worker per poll.
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
@@ -31,6 +35,8 @@ WORKER_ENV = {
 # A local cluster is one machine that no cloud reclaims: Ray Train's preemption watcher (one more
 # actor process per training run, polling the node's drain state) has nothing to watch there.
 LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+_local_without_dashboard = False  # set by init_ray; see has_state_api()
 
 
 class ClusterError(UserError, RuntimeError):
@@ -109,25 +115,19 @@ def init_ray(cfg: RayConfig | None = None, **overrides) -> dict:
         )
         if cfg.dashboard:
             kwargs["dashboard_host"] = LOOPBACK
-        else:
-            runtime_env["worker_process_setup_hook"] = "llmray.cluster.quiet_state_api_warnings"
         if cfg.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.object_store_memory_gb * 2**30)
         kwargs.update(overrides)
         ray.init(**kwargs)
+        global _local_without_dashboard
+        _local_without_dashboard = not kwargs["include_dashboard"]
     return ray.cluster_resources()
 
 
-def quiet_state_api_warnings() -> None:
-    """Worker set-up hook of a local cluster started without the dashboard (the default).
-
-    Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
-    whether the run's controller is still alive; without a dashboard each ask fails with a warning
-    that reached the driver's output about once a second for every training run. The cleaner is for
-    controllers that die without cleaning up; in a local cluster the placement group goes with the
-    cluster at shutdown. Start with `ray.dashboard=true` to have both the dashboard and the cleaner.
-    """
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def has_state_api() -> bool:
+    """False when this process started a local cluster without the dashboard, which serves Ray's
+    State API; True otherwise (a joined cluster, a dashboard, or Ray started by someone else)."""
+    return not _local_without_dashboard
 
 
 def _pin_local_node_to_loopback() -> None:

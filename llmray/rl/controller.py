@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from llmray.errors import UserError
 from llmray.rl.algorithms import AlgoConfig, compute_advantages
@@ -370,8 +371,12 @@ def _mean_dicts(rows) -> dict:
     return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in sorted(keys)}
 
 
-def run(cfg: RLConfig) -> dict:
-    """Stage `ppo`: PPO, GRPO or RLOO from an SFT policy on RL prompts, with checkpoint/resume."""
+def run(cfg: RLConfig, on_step: Callable[[RLRun, int, dict], None] | None = None) -> dict:
+    """Stage `ppo`: PPO, GRPO or RLOO from an SFT policy on RL prompts, with checkpoint/resume.
+
+    `on_step(rl, step, metrics)`, if given, is called after each logged step (before its checkpoint),
+    with the live worker groups in `rl.groups`: a place to add a metric, a check or an early stop
+    (raise) without copying the loop."""
     from transformers import AutoTokenizer
 
     from llmray import artifacts
@@ -461,6 +466,8 @@ def run(cfg: RLConfig) -> dict:
             step += 1
             metrics["faults/restarts"] = len(rl.restarts)
             logger.log(step, metrics)
+            if on_step is not None:
+                on_step(rl, step, metrics)
             log.info("step %d/%d reward %.3f acc %.3f kl %.4f gap %.4f len %.1f %.1fs", step, cfg.steps,
                      metrics["rollout/reward_mean"], metrics["rollout/accuracy"], metrics["kl/seq_mean"],
                      metrics["rollout/logprob_gap"], metrics["rollout/response_length"], metrics["time/step_s"])

@@ -7,7 +7,7 @@ in the environment, or it runs alone (world 1; a one-process gloo group is creat
 
     engine = build_engine(model, ds, opt, total_steps=1000)
     loss = engine(input_ids=x, labels=x, use_cache=False).loss
-    engine.backward(loss); engine.step()            # step() applies the optimizer at accumulation boundaries
+    engine.backward(loss); gn = optimizer_step(engine)  # the optimizer runs at accumulation boundaries
     state = gather_full_state_dict(engine)           # every rank must call it (a collective at ZeRO-3)
 
 `build_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
@@ -150,6 +150,27 @@ def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None) -> dict[s
     else:
         grab()
     return out
+
+
+def optimizer_step(engine) -> float | None:
+    """`engine.step()`; at an accumulation boundary, also the global gradient norm (before clipping)
+    of that step, else None.
+
+    DeepSpeed's ZeRO and bf16 optimizers record the norm. Its plain torch optimizer (fp32, ZeRO stage 0:
+    the RL actor's default) does not, so `get_global_grad_norm()` stayed None there. The norm is then
+    computed here, from the already all-reduced gradients, before the step clears them."""
+    import torch
+
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    if boundary and norm is None:
+        gn = engine.get_global_grad_norm()
+        norm = float(gn) if gn is not None else None
+    return norm
 
 
 def is_rank0() -> bool:

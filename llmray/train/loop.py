@@ -112,7 +112,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from llmray.report.metrics import MetricsLogger
-    from llmray.train.engine import build_engine, gather_full_state_dict, setup_env
+    from llmray.train.engine import build_engine, gather_full_state_dict, optimizer_step, setup_env
 
     spec: LoopSpec = config["spec"]
     setup_env()
@@ -166,7 +166,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 checksum += int(local["input_ids"].sum())
             loss, sums, ntok = spec.task.loss(engine, local)
             engine.backward(loss)
-            engine.step()
+            gn = optimizer_step(engine)
             consumed += 1
             micro_i += 1
             tokens += ntok
@@ -183,7 +183,6 @@ def train_loop(config: dict[str, Any]) -> None:
             g_tokens = red[len(keys)]
             count = max(tot.pop("count", 1.0), 1.0)
             row = {f"train/{k}": v / count for k, v in tot.items()}
-            gn = engine.get_global_grad_norm()
             row.update({
                 "lr": float(engine.get_lr()[0]),
                 "grad_norm": float(gn) if gn is not None else float("nan"),

@@ -176,7 +176,7 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from llmray.cluster import init_ray, require_resources
+    from llmray.cluster import has_state_api, init_ray, require_resources
 
     init_ray(cfg.ray)
     sc = cfg.scaling
@@ -200,7 +200,8 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     # both contexts: the dataset's own, and the driver's current one that Ray Train copies to workers.
     dataset.context.enable_progress_bars = False
     with _data_progress_bars(False):
-        trainer = TorchTrainer(
+        trainer_cls = TorchTrainer if has_state_api() else _without_placement_group_cleaner(TorchTrainer)
+        trainer = trainer_cls(
             train_loop_per_worker=_worker_entry,
             train_loop_config={"spec": spec, "env": env},
             torch_config=TorchConfig(backend=backend),
@@ -225,6 +226,25 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     result = json.loads(res_file.read_text())
     result["wall_time_s"] = round(wall, 2)
     return result
+
+
+def _without_placement_group_cleaner(trainer_cls: type) -> type:
+    """`trainer_cls` without Ray Train's placement-group cleaner, for a local cluster without the dashboard.
+
+    The cleaner is a detached actor that asks Ray's State API once a second whether the run's
+    controller is alive, to free the workers' placement group if it died. The dashboard serves that
+    API: without it every ask failed (one warning a second per run) and the cleaner could never act.
+    On a local cluster the placement group goes with the cluster anyway. Dropping it saves an actor
+    process and ~2.5 s of controller start-up per run. Ray 2.60's trainers build their callbacks in
+    `_create_default_callbacks`; if a later Ray renames it, the cleaner simply stays.
+    """
+    class LocalTrainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    LocalTrainer.__name__ = LocalTrainer.__qualname__ = trainer_cls.__name__
+    return LocalTrainer
 
 
 @contextlib.contextmanager

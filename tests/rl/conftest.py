@@ -22,22 +22,6 @@ def rl_sft_model(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rl_prompts(tmp_path_factory) -> Path:
-    """A corpus-like dir with prompts/ (RL) and eval/ (held-out) task records."""
-    from llmray.data import tasks
-
-    root = tmp_path_factory.mktemp("rl_prompts")
-    for split, n, seed in (("prompts", 512, 1), ("eval", 48, 2)):
-        (root / split).mkdir()
-        rng = random.Random(seed)
-        with (root / split / "part-00000.jsonl").open("w") as f:
-            for _ in range(n):
-                f.write(json.dumps(tasks.prompt_record(tasks.make_task(rng))) + "\n")
-    return root
-
-
-
-@pytest.fixture(scope="session")
 def rl_fixed_prompts(tmp_path_factory) -> Path:
     """Eight task prompts, used as both the RL set and the eval set: with prompts_per_step=8 every
     step samples the same prompts, so a rising reward is learning, not an easier draw of prompts."""

@@ -32,24 +32,44 @@ print("RESULT" + json.dumps({"base_gb": base, "peak_gb": peak_rss_gb()}))
 '''
 
 
-@pytest.mark.parametrize("ds", [
-    {"zero_stage": 1, "micro_batch_size": 4},
-    {"zero_stage": 1, "micro_batch_size": 4, "activation_checkpointing": True},
-])
-def test_estimate_close_to_measured_peak(ds, tmp_path):
+MODEL = {"preset": "custom", "hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
+         "vocab_size": 8192, "max_position_embeddings": 512}
+SEQ_LEN = 256
+CASES = {
+    "ds0": {"zero_stage": 1, "micro_batch_size": 4},
+    "ds1": {"zero_stage": 1, "micro_batch_size": 4, "activation_checkpointing": True},
+}
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's probe at once, each its own 1-thread process: peak RSS is per process, so running
+    them side by side on two cores changes no measurement and halves the wait."""
     import os
 
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, ds in CASES.items():
+        cwd = tmp_path_factory.mktemp(name)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-c", PROBE, json.dumps({"ds": ds, "model": MODEL, "seq_len": SEQ_LEN})],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_estimate_close_to_measured_peak(name, probes):
     from llmray.models.factory import ModelConfig
     from llmray.train.deepspeed_config import DeepSpeedConfig
     from llmray.train.memory import estimate
 
-    model = {"preset": "custom", "hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
-             "vocab_size": 8192, "max_position_embeddings": 512}
-    seq_len = 256
-    est = estimate(ModelConfig(**model).resolved(), DeepSpeedConfig(**ds), seq_len, num_workers=1)
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", PROBE, json.dumps({"ds": ds, "model": model, "seq_len": seq_len})],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    ds = CASES[name]
+    est = estimate(ModelConfig(**MODEL).resolved(), DeepSpeedConfig(**ds), SEQ_LEN, num_workers=1)
+    p = probes[name]
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     assert line, p.stderr[-3000:]
     r = json.loads(line[0][6:])

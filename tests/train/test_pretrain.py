@@ -14,8 +14,8 @@ import pytest
 
 from helpers import read_rows
 
-STAGES = {"zero1": ["deepspeed.zero_stage=1"], "zero2": ["deepspeed.zero_stage=2"],
-          "zero3": ["deepspeed.zero_stage=3"],
+# ZeRO-2's loss is checked on the killed-worker run (one Train run for both).
+STAGES = {"zero1": ["deepspeed.zero_stage=1"], "zero3": ["deepspeed.zero_stage=3"],
           "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]}
 STEPS = 12
 _RUNS: dict[str, dict] = {}
@@ -54,18 +54,19 @@ def _pretrain(root: Path, dataset: Path, name: str) -> dict:
         from llmray.train.pretrain import run
 
         result = run(_cfg(root, name, dataset, STAGES[name]))
-        _RUNS[name] = {"result": result, "metrics": _metrics(root / name), "output": root / (name + "_model")}
+        _RUNS[name] = {"result": result, "metrics": _metrics(root / name), "output": root / (name + "_model"),
+                       "run_dir": root / name}
     return _RUNS[name]
 
 
-@pytest.mark.parametrize("name", list(STAGES))
-def test_loss_decreases_at_every_zero_stage(ray_cluster, root, packed_dataset, name):
-    run = _pretrain(root, packed_dataset, name)
+def _check_trained(run: dict, steps: int, checkpoints: list[str]) -> None:
+    """Loss fell over the run; the step metrics, the artifact, the plot and TensorBoard are there;
+    keep_last=2 kept exactly `checkpoints`."""
     m = run["metrics"]
-    assert sorted(m) == list(range(1, STEPS + 1))
-    first, last = m[1]["train/loss"], m[STEPS]["train/loss"]
+    assert sorted(m) == list(range(1, steps + 1))
+    first, last = m[1]["train/loss"], m[steps]["train/loss"]
     assert last < first - 0.3, (first, last)
-    row = m[STEPS]
+    row = m[steps]
     assert row["tokens_per_s"] > 0 and row["flops"] > 0 and 0 < row["mfu"] < 1
     assert row["grad_norm"] > 0 and row["memory/peak_rss_gb"] > 0
     assert row["lr"] == pytest.approx(2e-3 * 0.1, rel=1e-3)  # cosine reached its floor at decay_steps
@@ -73,30 +74,37 @@ def test_loss_decreases_at_every_zero_stage(ray_cluster, root, packed_dataset, n
 
     man = artifacts.require(run["output"], "model")
     assert man.metrics["final_loss"] == pytest.approx(last)
-    assert (root / name / "loss.png").stat().st_size > 1000
-    assert any((root / name / "tensorboard").iterdir())
-    # keep_last=2: the checkpoints at 6 and 12 are both kept, nothing else.
-    assert sorted(p.name for p in (root / name / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
+    run_dir = run["run_dir"]
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert any((run_dir / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_loss_decreases_at_every_zero_stage(ray_cluster, root, packed_dataset, name):
+    _check_trained(_pretrain(root, packed_dataset, name), STEPS, ["step_00000006", "step_00000012"])
 
 
 def test_resume_is_exact_and_skips_cut_off_checkpoint(ray_cluster, root, packed_dataset):
-    """6 steps, stop; a cut-off checkpoint at step 9 appears; resume to 12: every step's loss equals the
-    straight run's, and the resume started from step 6 (the newest COMPLETE checkpoint)."""
+    """The straight ZeRO-1 run's step-6 checkpoint, as if that run had stopped there, plus a cut-off
+    checkpoint at step 9; resume to 12: it starts from step 6 (the newest COMPLETE checkpoint) and
+    steps 7-12 train on the same rows with the same losses as the straight run."""
+    import shutil
+
     from llmray.train.pretrain import run
 
     straight = _pretrain(root, packed_dataset, "zero1")["metrics"]
     cfg = _cfg(root, "resumed", packed_dataset, ["deepspeed.zero_stage=1"])
-    from llmray.config import replace
-
-    run(replace(cfg, max_steps=6))
-    cut = root / "resumed" / "checkpoints" / "step_00000009"
+    ckpts = root / "resumed" / "checkpoints"
+    shutil.copytree(root / "zero1" / "checkpoints" / "step_00000006", ckpts / "step_00000006")
+    cut = ckpts / "step_00000009"
     (cut / "state").mkdir(parents=True)
     (cut / "state" / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
     out = run(cfg)
     assert out["step"] == STEPS
     resumed = _metrics(root / "resumed")
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for s in range(1, STEPS + 1):
+    assert sorted(resumed) == list(range(7, STEPS + 1))  # nothing before the checkpoint was trained again
+    for s in range(7, STEPS + 1):
         assert resumed[s]["batch_checksum"] == straight[s]["batch_checksum"], s
         assert resumed[s]["train/loss"] == pytest.approx(straight[s]["train/loss"], rel=1e-4, abs=1e-4), s
     assert not cut.exists() or not (cut / "COMPLETE.json").exists()
@@ -109,7 +117,9 @@ def _expected_checksums(dataset: Path, steps: int, chunk: int) -> dict[int, floa
     return {s: float(sums[(s - 1) % per_epoch]) for s in range(1, steps + 1)}
 
 
-def test_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root, packed_dataset):
+def test_zero2_loss_decreases_and_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root, packed_dataset):
+    """ZeRO-2 with max_failures=1: rank 1's process is killed after step 13 (checkpoint at 10); the run
+    restarts from step 10, replays 11-13 on the same rows, finishes at 30, and its loss fell."""
     from llmray.config import replace
     from llmray.train import checkpoint as ck
     from llmray.train.pretrain import run
@@ -152,6 +162,8 @@ def test_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root, 
     # No data skipped or repeated: every step trained on exactly the rows the data order assigns it.
     expected = _expected_checksums(packed_dataset, steps, chunk=8)
     assert {s: m[s]["batch_checksum"] for s in m} == expected
+    _check_trained({"metrics": m, "output": root / "killed_model", "run_dir": run_dir}, steps,
+                   ["step_00000020", "step_00000030"])
 
 
 def test_export_greedy_tokens_equal_in_transformers_and_vllm(ray_cluster, root, packed_dataset, tmp_path):

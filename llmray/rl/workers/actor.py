@@ -77,6 +77,7 @@ class ActorWorker:
         from llmray.rl.ppo.advantages import masked_mean
         from llmray.rl.ppo.kl import kl_estimate
         from llmray.rl.ppo.losses import policy_loss, tis_weights
+        from llmray.train.engine import optimizer_step
 
         u = PolicyUpdate(**spec)
         if batch.advantages is None or (batch.logprobs is None and not u.on_policy):
@@ -84,6 +85,7 @@ class ActorWorker:
         start = time.monotonic()
         self.engine.module.train()
         sums: dict[str, float] = {}
+        norms: list[float] = []
         n = 0
         rank = int(os.environ.get("RANK", "0"))
         for epoch in range(u.epochs):
@@ -112,7 +114,9 @@ class ActorWorker:
                     ptx_loss = self._ptx_loss(ptx_ids, seed=epoch * 7919 + k)
                     loss = loss + u.ptx_coef * ptx_loss
                 self.engine.backward(loss)
-                self.engine.step()
+                gn = optimizer_step(self.engine)
+                if gn is not None:
+                    norms.append(gn)
                 vals = {"policy_loss": pg_loss.item(), "entropy": entropy.item(), "clip_frac": st["clip_frac"].item(),
                         "approx_kl": st["approx_kl"].item(), "kl_loss": kl_loss.item(), "ptx_loss": ptx_loss.item()}
                 if weights is not None:
@@ -122,7 +126,7 @@ class ActorWorker:
                 n += 1
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out["optimizer_steps"] = float(n)
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")  # mean over optimizer steps
         out["update_s"] = time.monotonic() - start
         return out
 

@@ -42,12 +42,14 @@ class CriticWorker:
     def update(self, batch: RLBatch, epochs: int, minibatch_size: int, clip_range: float | None, seed: int = 0) -> dict:
         from llmray.rl.modeling import response_values
         from llmray.rl.ppo.losses import value_loss
+        from llmray.train.engine import optimizer_step
 
         if batch.returns is None or batch.values is None:
             raise ValueError("critic.update needs returns and values in the batch")
         start = time.monotonic()
         self.engine.module.train()
         sums = {"value_loss": 0.0, "value_clip_frac": 0.0}
+        norms: list[float] = []
         n = 0
         rank = int(os.environ.get("RANK", "0"))
         for epoch in range(epochs):
@@ -56,11 +58,14 @@ class CriticWorker:
                 v = response_values(self.engine.module, mb)
                 loss, st = value_loss(v, mb.values, mb.returns, mb.response_mask, clip_range)
                 self.engine.backward(loss)
-                self.engine.step()
+                gn = optimizer_step(self.engine)
+                if gn is not None:
+                    norms.append(gn)
                 sums["value_loss"] += loss.item()
                 sums["value_clip_frac"] += st["clip_frac"].item()
                 n += 1
         out = {k: v / max(n, 1) for k, v in sums.items()}
+        out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")  # mean over optimizer steps
         out["update_s"] = time.monotonic() - start
         return out
 
