@@ -139,6 +139,8 @@ class RLConfig:
     eval_every: int = 0
     """Greedy eval every N steps (0 = at the start and the end only; -1 = never)."""
     eval_max_tokens: int = 16
+    eval_sampled_k: int = 0
+    """At the final eval, also k samples per held-out prompt at temperature 1: mean@k and pass@k (0 = off)."""
     ptx_data: str | None = None
     """PPO-ptx: JSONL chat records {"messages": [...]} (e.g. corpus/sft) for the LM loss; used when algo.ptx_coef > 0."""
     output: str = "artifacts/rl"
@@ -197,3 +199,4 @@ class RLConfig:
                   "must equal critic.num_workers when placement.colocate_critic_reward is on")
         check(self.algo.ptx_coef == 0 or self.ptx_data is not None, "ptx_data", "required when algo.ptx_coef > 0")
         check(self.eval_every >= -1, "eval_every", "must be >= -1")
+        check(self.eval_sampled_k >= 0, "eval_sampled_k", f"must be >= 0 (0 = off), got {self.eval_sampled_k}")

@@ -49,6 +49,10 @@ def test_every_artifact_report_and_answers(tiny_run):
     # Held-out perplexity falls from the pretrained model's level after training on the grammar.
     assert results["pretrain"]["heldout_ppl"] < 1024  # below a uniform guess over the vocabulary
     assert 0.0 <= results["sft"]["task_accuracy"] <= 1.0
+    # The RL stage scored the held-out prompts on its own vLLM engines; the pipeline added perplexity.
+    ppo = results["ppo"]
+    assert ppo["task_accuracy"] == round(ppo["eval_accuracy"][-1][1], 4) and ppo["heldout_ppl"] > 0
+    assert 0.0 <= ppo["sampled_accuracy"] <= ppo["sampled_pass_at_k"] <= 1.0
     assert results["clean-dedup"], "clean-dedup reported nothing"
 
 

@@ -46,7 +46,7 @@ def _after_first_step(ids: list[list[int]], seen: dict):
 
 @pytest.mark.parametrize("algorithm,extra", [
     ("ppo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32", "critic.optimizer.lr=1e-3", F32]),
-    ("rloo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32"]),
+    ("rloo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32", "eval_sampled_k=4"]),
 ])
 def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_prompts, tmp_path):
     """PPO also carries the five-roles checks (one run instead of two): five separate processes,
@@ -79,6 +79,9 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
         _check_five_roles(rows, seen)
     if algorithm == "rloo":
         assert not any(k.startswith("critic/") for k in rows[0])  # no critic group for rloo
+        # The final eval's task scores, as the pipeline reports them: greedy, and 4 samples per prompt.
+        assert out["task_accuracy"] == round(e1, 4) and len(out["eval_examples"]) == 5
+        assert 0 < out["sampled_accuracy"] <= out["sampled_pass_at_k"] <= 1
         _check_resume(cfg)
     _expect_rise(f"{algorithm} reward", r0, r1, 0.03)
     _expect_rise(f"{algorithm} accuracy", a0, a1, 0.0)
