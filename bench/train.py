@@ -4,7 +4,7 @@ Same model, global batch, sequence length and steps on both sides; the bare loop
 (2 torch threads), llmray uses 2 workers x 1 thread. Prints steady-state tokens/s (median over the
 steps after warm-up), peak RSS per process, and ratios to the bare loop; saves bench/results/train.json.
 
-    .venv/bin/python bench/train.py [--steps 30] [--preset tiny]
+    .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~12 min
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 sys.path.insert(0, str(ROOT / "tests"))  # first: its conftest (sample_texts) wins over tests/train's
+
+from llmray.train.loop import PHASES  # the step phases the training loop logs
 
 BARE = r'''
 import json, resource, sys, time, torch
@@ -43,19 +45,24 @@ rows = []
 for f in sorted(Path(args["dataset"]).glob("shards/*.parquet")):
     rows += pq.read_table(f).column("input_ids").to_pylist()
 g = args["global_batch"]
-times, losses = [], []
+times, losses, phases = [], [], []
 for step in range(args["steps"]):
     t0 = time.perf_counter()
     batch = torch.tensor([rows[(step * g + i) % len(rows)] for i in range(g)], dtype=torch.long)
+    t1 = time.perf_counter()
     logits = model(input_ids=batch, use_cache=False).logits
     s, n = token_loss_sum(logits, batch)
     loss = s / n
+    t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    t3 = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
     opt.step(); sched.step()
-    times.append(time.perf_counter() - t0); losses.append(loss.item())
-print("RESULT" + json.dumps({"step_times": times, "losses": losses,
+    t4 = time.perf_counter()
+    times.append(t4 - t0); losses.append(loss.item())
+    phases.append({"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3})
+print("RESULT" + json.dumps({"step_times": times, "losses": losses, "phases": phases,
       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
 '''
 
@@ -67,14 +74,20 @@ VARIANTS = {
 }
 
 
+def _phase_medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {ph: statistics.median(r[ph] for r in rows) for ph in PHASES}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--preset", default="small")
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--global-batch", default="16,64",
+                    help="comma-separated global batches (sequences per optimizer step), each run on both sides")
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady-state figure")
     a = ap.parse_args()
+    batches = [int(b) for b in str(a.global_batch).split(",")]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -82,61 +95,84 @@ def main() -> None:
     from helpers import write_packed
 
     from llmray.cluster import RayConfig, init_ray
-    from llmray.config import load
     from llmray.models.tokenizer import save_tokenizer, train_tokenizer
-    from llmray.report.metrics import read_metrics
-    from llmray.train.pretrain import PretrainConfig, run
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     save_tokenizer(train_tokenizer(sample_texts(1500), vocab_size=1024), work / "tok")
-    write_packed(work / "data", work / "tok", seq_len=a.seq_len, n_rows=a.global_batch * (a.steps + 2), n_shards=2)
-    tokens_per_step = a.global_batch * a.seq_len
-    results: dict[str, dict] = {}
+    write_packed(work / "data", work / "tok", seq_len=a.seq_len, n_rows=max(batches) * (a.steps + 2), n_shards=2)
+    # Every bare loop runs before Ray starts, so that Ray's idle processes do not slow the baseline.
+    results: dict[int, dict[str, dict]] = {gb: {"bare": bare_loop(a, work, gb)} for gb in batches}
+    init_ray(RayConfig(num_cpus=4))
+    for gb in batches:
+        for name, extra in VARIANTS.items():
+            print(f"llmray {name}, global batch {gb} ...", flush=True)
+            results[gb][name] = llmray_run(a, work, gb, name, extra)
 
-    print(f"bare PyTorch loop: preset {a.preset}, global batch {a.global_batch} x {a.seq_len}, {a.steps} steps, 2 threads",
+    print()
+    print(f"{'batch':>6}  {'run':<16}{'tokens/s':>10}{'vs bare':>10}{'peak RSS/proc GB':>18}{'final loss':>12}{'wall s':>9}")
+    for gb, per in results.items():
+        base = per["bare"]["tokens_per_s"]
+        for name, r in per.items():
+            print(f"{gb:>6}  {name:<16}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base:>9.2f}x{r['peak_rss_gb']:>18.2f}"
+                  f"{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
+    print(f"(batch = sequences of {a.seq_len} tokens per optimizer step; steady state: median step time after "
+          "warm-up; llmray wall time includes Ray Train start-up, DeepSpeed init and checkpoint/export)")
+    print()
+    print("where a steady step's time goes, median seconds (llmray: rank 0; backward includes ZeRO's gradient "
+          "reduction, optimizer its parameter all-gather; other = step minus the phases' medians)")
+    print(f"{'batch':>6}  {'run':<16}{'step':>8}" + "".join(f"{ph:>11}" for ph in PHASES) + f"{'other':>9}")
+    for gb, per in results.items():
+        for name, r in per.items():
+            other = r["step_s"] - sum(r["phases"].values())
+            print(f"{gb:>6}  {name:<16}{r['step_s']:>8.3f}" + "".join(f"{r['phases'][ph]:>11.3f}" for ph in PHASES)
+                  + f"{other:>9.3f}")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+    print(f"saved {out_dir / 'train.json'}")
+
+
+def bare_loop(a, work: Path, gb: int) -> dict:
+    """The baseline: one process, 2 torch threads, plain AdamW, the same data and schedule."""
+    print(f"bare PyTorch loop: preset {a.preset}, global batch {gb} x {a.seq_len}, {a.steps} steps, 2 threads",
           flush=True)
     args = {"tokenizer": str(work / "tok"), "dataset": str(work / "data"), "preset": a.preset,
-            "steps": a.steps, "global_batch": a.global_batch}
-    p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], capture_output=True, text=True, timeout=1800)
+            "steps": a.steps, "global_batch": gb}
+    p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], check=False, capture_output=True, text=True, timeout=1800)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
         sys.exit(f"bare loop failed:\n{p.stderr[-3000:]}")
     bare = json.loads(line[0][6:])
     st = statistics.median(bare["step_times"][a.warmup:])
-    results["bare"] = {"tokens_per_s": tokens_per_step / st, "peak_rss_gb": bare["peak_rss_gb"],
-                       "final_loss": bare["losses"][-1], "wall_s": sum(bare["step_times"])}
+    return {"tokens_per_s": gb * a.seq_len / st, "peak_rss_gb": bare["peak_rss_gb"],
+            "final_loss": bare["losses"][-1], "wall_s": sum(bare["step_times"]),
+            "step_s": st, "phases": _phase_medians(bare["phases"][a.warmup:])}
 
-    init_ray(RayConfig(num_cpus=4))
-    for name, extra in VARIANTS.items():
-        print(f"llmray {name} ...", flush=True)
-        cfg = load(PretrainConfig, None, [
-            f"dataset={work / 'data'}", f"run_dir={work / name}", f"output={work / (name + '_model')}",
-            f"max_steps={a.steps}", f"checkpoint.every_n_steps={a.steps}", f"log_every={a.steps}",
-            f"model.preset={a.preset}", f"deepspeed.micro_batch_size={a.global_batch // 2}",
-            "optimizer.lr=1e-3", "optimizer.warmup_steps=2", "scaling.num_workers=2",
-            "scaling.threads_per_worker=1", *extra])
-        t0 = time.monotonic()
-        out = run(cfg)
-        rows = [r for r in read_metrics(work / name / "metrics.jsonl") if "step_time_s" in r]
-        # The checkpoint step is excluded from steady state (it writes the whole engine state).
-        steady = [r["step_time_s"] for r in rows[a.warmup:-1]] or [r["step_time_s"] for r in rows]
-        results[name] = {"tokens_per_s": tokens_per_step / statistics.median(steady),
-                         "peak_rss_gb": max(r["memory/peak_rss_gb"] for r in rows),
-                         "final_loss": rows[-1]["train/loss"], "wall_s": time.monotonic() - t0,
-                         "mfu": statistics.median(r.get("mfu", 0.0) for r in rows[a.warmup:] or rows)}
 
-    base = results["bare"]["tokens_per_s"]
-    print()
-    print(f"{'run':<16}{'tokens/s':>12}{'vs bare':>10}{'peak RSS/proc GB':>18}{'final loss':>12}{'wall s':>9}")
-    for name, r in results.items():
-        print(f"{name:<16}{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / base:>9.2f}x{r['peak_rss_gb']:>18.2f}"
-              f"{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
-    print("(steady state: median step time after warm-up; llmray wall time includes Ray Train start-up, "
-          "DeepSpeed init and checkpoint/export)")
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    print(f"saved {out_dir / 'train.json'}")
+def llmray_run(a, work: Path, gb: int, name: str, extra: list[str]) -> dict:
+    """llmray pretrain on 2 Ray Train workers x 1 thread, micro-batch gb/2 each (no accumulation)."""
+    from llmray.config import load
+    from llmray.report.metrics import read_metrics
+    from llmray.train.pretrain import PretrainConfig, run
+
+    tag = f"{name}_b{gb}"
+    cfg = load(PretrainConfig, None, [
+        f"dataset={work / 'data'}", f"run_dir={work / tag}", f"output={work / (tag + '_model')}",
+        f"max_steps={a.steps}", f"checkpoint.every_n_steps={a.steps}", f"log_every={a.steps}",
+        f"model.preset={a.preset}", f"deepspeed.micro_batch_size={gb // 2}",
+        "optimizer.lr=1e-3", "optimizer.warmup_steps=2", "scaling.num_workers=2",
+        "scaling.threads_per_worker=1", *extra])
+    t0 = time.monotonic()
+    run(cfg)
+    rows = [r for r in read_metrics(work / tag / "metrics.jsonl") if "step_time_s" in r]
+    # The checkpoint step is excluded from steady state (it writes the whole engine state).
+    steady = [r["step_time_s"] for r in rows[a.warmup:-1]] or [r["step_time_s"] for r in rows]
+    phase_rows = [{ph: r[f"time/{ph}_s"] for ph in PHASES} for r in rows[a.warmup:-1] or rows]
+    return {"tokens_per_s": gb * a.seq_len / statistics.median(steady),
+            "step_s": statistics.median(steady), "phases": _phase_medians(phase_rows),
+            "peak_rss_gb": max(r["memory/peak_rss_gb"] for r in rows),
+            "final_loss": rows[-1]["train/loss"], "wall_s": time.monotonic() - t0,
+            "mfu": statistics.median(r.get("mfu", 0.0) for r in rows[a.warmup:] or rows)}
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class RLRun:
         self.pgs: list = []
         self.shared_pgs: dict = {}
         self.restarts: list[dict] = []
+        self.prompt_filter: dict = {}
+        """The prompt filter's summary (pool, kept, never/always solved), when it ran."""
 
     # ---------------------------------------------------------------- groups
     def start(self) -> None:
@@ -363,23 +365,61 @@ class RLRun:
         does not use offset") when a seeded request's prefill is split over engine steps, which 200
         prompts x 4 samples at once caused. The engine's own generator is seeded at start."""
         from llmray.data.tasks import is_correct, reward
-        from llmray.rl.worker_group import call_with_restart
-
-        def texts(sampling: dict) -> list[str]:
-            outs = call_with_restart(self.groups["rollout"], "generate", prompt_ids, sampling,
-                                     on_restart=self._on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
-            return [tokenizer.decode(o["response_ids"], skip_special_tokens=True) for o in outs]
+        from llmray.rl.data import pass_rates
 
         n = max(1, len(answers))
-        greedy = texts({"n": 1, "temperature": 0.0, "max_tokens": max_tokens})
+        greedy = self.texts(prompt_ids, {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}, tokenizer)
         out = {"accuracy": sum(is_correct(a, t) for a, t in zip(answers, greedy)) / n,
                "mean_reward": sum(reward(a, t) for a, t in zip(answers, greedy)) / n, "responses": greedy}
         if sampled_k:
             k = sampled_k
-            sampled = texts({"n": k, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": max_tokens})
-            per_prompt = [sum(is_correct(a, t) for t in sampled[j * k:(j + 1) * k]) / k for j, a in enumerate(answers)]
+            sampled = self.texts(prompt_ids, {"n": k, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                              "max_tokens": max_tokens}, tokenizer)
+            per_prompt = pass_rates(answers, sampled, k)
             out.update(mean_at_k=sum(per_prompt) / n, pass_at_k=sum(p > 0 for p in per_prompt) / n, k=k)
         return out
+
+    def texts(self, prompt_ids: list[list[int]], sampling: dict, tokenizer) -> list[str]:
+        """Decoded responses from the rollout engines (n per prompt, consecutive), current weights."""
+        from llmray.rl.worker_group import call_with_restart
+
+        outs = call_with_restart(self.groups["rollout"], "generate", prompt_ids, sampling,
+                                 on_restart=self._on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
+        return [tokenizer.decode(o["response_ids"], skip_special_tokens=True) for o in outs]
+
+    def filter_prompts(self, prompt_ids: list[list[int]], records: list[dict], tokenizer, latest) -> list[int]:
+        """`prompt_filter`: the indices of the prompts to train on (see PromptFilterConfig). Runs before
+        any update, so the engines still hold the starting policy; a resumed run reuses the saved list."""
+        from llmray.rl import data
+
+        f = self.cfg.prompt_filter
+        path = Path(self.cfg.run_dir) / "prompt_filter.json"
+        if latest is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            self.prompt_filter = {k: v for k, v in saved.items() if k not in ("kept_indices", "pass_rates")}
+            log.info("prompt filter: reusing %s (%d prompts)", path, len(saved["kept_indices"]))
+            return saved["kept_indices"]
+        t = time.monotonic()
+        pool = data.PromptStream(len(records), self.cfg.seed).indices(0, min(f.pool or len(records), len(records)))
+        answers = [records[i]["answer"] for i in pool]
+        sampling = {"n": f.samples, "temperature": self.cfg.rollout.temperature, "top_p": self.cfg.rollout.top_p,
+                    "max_tokens": self.cfg.rollout.max_tokens}
+        rates = data.pass_rates(answers, self.texts([prompt_ids[i] for i in pool], sampling, tokenizer), f.samples)
+        kept = data.select_by_pass_rate(pool, rates, f.min_pass, f.max_pass)
+        summary = {"pool": len(pool), "kept": len(kept), "never_solved": sum(r == 0 for r in rates),
+                   "always_solved": sum(r == 1 for r in rates), "samples": f.samples, "min_pass": f.min_pass,
+                   "max_pass": f.max_pass, "seconds": round(time.monotonic() - t, 1)}
+        path.write_text(json.dumps({**summary, "kept_indices": kept, "pass_rates": dict(zip(pool, rates))}))
+        print(f"[llmray] prompt filter: kept {len(kept)} of {len(pool)} prompts with a pass rate in "
+              f"[{f.min_pass}, {f.max_pass}] over {f.samples} samples ({summary['never_solved']} never solved, "
+              f"{summary['always_solved']} always) in {summary['seconds']:.0f}s", flush=True)
+        if not kept:
+            raise UserError(f"prompt_filter: none of the {len(pool)} prompts examined has a pass rate in "
+                            f"[{f.min_pass}, {f.max_pass}] ({summary['never_solved']} never solved, "
+                            f"{summary['always_solved']} always); widen prompt_filter.min_pass / max_pass, raise "
+                            "prompt_filter.pool, or set prompt_filter.enabled=false")
+        self.prompt_filter = summary
+        return kept
 
 
 def _mean_dicts(rows) -> dict:
@@ -437,6 +477,10 @@ def run(cfg: RLConfig, on_step: Callable[[RLRun, int, dict], None] | None = None
         rl.start()
         rl.write_pids()
         latest = find_latest(rl.ckpt_root) if cfg.checkpoint.resume else None
+        if cfg.prompt_filter.enabled:
+            keep = rl.filter_prompts(prompt_ids, records, tokenizer, latest)
+            records, prompt_ids = [records[i] for i in keep], [prompt_ids[i] for i in keep]
+            stream = data.PromptStream(len(records), cfg.seed)
         if latest is not None:
             meta = rl.load_checkpoint(latest)
             step = int(meta["step"])
@@ -521,6 +565,7 @@ def run(cfg: RLConfig, on_step: Callable[[RLRun, int, dict], None] | None = None
         "reward_first": _first(rows, "rollout/reward_mean"), "reward_last": final.get("rollout/reward_mean"),
         "eval_accuracy": eval_acc, "restarts": len(rl.restarts), "rollout_restarts": len(rollout_restarts),
         "trainer_restarts": trainer_restarts, **_task_scores(final_eval, eval_records),
+        **({f"prompt_filter_{k}": v for k, v in rl.prompt_filter.items()} if rl.prompt_filter else {}),
     }
 
 

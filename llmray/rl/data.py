@@ -81,6 +81,21 @@ class PromptStream:
         return out
 
 
+def pass_rates(answers: list[str], responses: list[str], samples: int) -> list[float]:
+    """Fraction of each prompt's `samples` consecutive responses that state its answer (the rule check)."""
+    from llmray.data.tasks import is_correct
+
+    if len(responses) != len(answers) * samples:
+        raise ValueError(f"{len(responses)} responses for {len(answers)} prompts x {samples} samples")
+    return [sum(is_correct(a, r) for r in responses[i * samples:(i + 1) * samples]) / samples
+            for i, a in enumerate(answers)]
+
+
+def select_by_pass_rate(indices: list[int], rates: list[float], min_pass: float, max_pass: float) -> list[int]:
+    """The prompt indices whose pass rate lies in [min_pass, max_pass], in their given order."""
+    return [i for i, r in zip(indices, rates) if min_pass <= r <= max_pass]
+
+
 def read_ptx(path: str, tokenizer, max_len: int, limit: int = 512):
     """SFT chat records -> a padded (N, L) tensor of token ids for the PPO-ptx LM loss."""
     import torch

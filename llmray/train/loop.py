@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+PHASES = ("data", "forward", "backward", "optimizer")
+"""Parts of a training step timed on each rank and logged as `time/<phase>_s` (rank 0's)."""
+
+
 class TrainTask:
     """What a trainer trains: model, loss on a micro-batch, optional held-out eval, export."""
 
@@ -153,20 +157,31 @@ def train_loop(config: dict[str, Any]) -> None:
     tokens = 0
     checksum = 0
     micro_i = 0
-    t_step = time.perf_counter()
+    # Where this rank's step time goes: waiting for data, forward, backward (with ZeRO-1/2's gradient
+    # reduction), optimizer (with ZeRO's parameter all-gather); the rest is metrics and checkpoints.
+    phase = dict.fromkeys(PHASES, 0.0)
+    t_step = t_mark = time.perf_counter()
     engine.train()
     while step < spec.max_steps:
         skip = consumed % chunks_per_epoch
         for ci, rows in enumerate(shard.iter_batches(batch_size=chunk, batch_format="numpy", drop_last=True,
                                                        prefetch_batches=2)):
             if ci < skip:
+                t_mark = time.perf_counter()
                 continue  # already trained on before the resume: read past, do not train
+            t0 = time.perf_counter()
             local = to_batch({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()})
             if "input_ids" in local:
                 checksum += int(local["input_ids"].sum())
             loss, sums, ntok = spec.task.loss(engine, local)
+            t1 = time.perf_counter()
             engine.backward(loss)
+            t2 = time.perf_counter()
             gn = optimizer_step(engine)
+            t3 = time.perf_counter()
+            for name, dt_phase in zip(PHASES, (t0 - t_mark, t1 - t0, t2 - t1, t3 - t2)):
+                phase[name] += dt_phase
+            t_mark = t3
             consumed += 1
             micro_i += 1
             tokens += ntok
@@ -194,6 +209,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "memory/peak_rss_gb": peak,
                 "memory/rss_gb_rank0": rss_gb(),
                 "memory/baseline_gb": baseline_gb,
+                **{f"time/{name}_s": v for name, v in phase.items()},
             })
             if spec.flops_per_token:
                 flops = spec.flops_per_token * g_tokens
@@ -206,10 +222,11 @@ def train_loop(config: dict[str, Any]) -> None:
                           f"lr {row['lr']:.2e} gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s",
                           flush=True)
             acc, tokens, checksum = {}, 0, 0
+            phase = dict.fromkeys(PHASES, 0.0)
             if step % spec.every_n_steps == 0 or step == spec.max_steps:
                 _save(engine, root, step, consumed, spec, row)
                 last_saved = step
-            t_step = time.perf_counter()
+            t_step = t_mark = time.perf_counter()
             if step >= spec.max_steps:
                 break
     if last_saved != step:

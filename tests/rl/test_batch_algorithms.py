@@ -112,3 +112,22 @@ def test_prompt_records_are_checked(tmp_path):
     s = PromptStream(5, seed=0)
     first = s.indices(0, 5)
     assert sorted(first) == [0, 1, 2, 3, 4] and s.indices(3, 4)[:2] == first[3:]
+
+
+def test_prompt_filter_keeps_prompts_solved_sometimes():
+    from llmray.rl.data import pass_rates, select_by_pass_rate
+
+    answers = ["4", "river", "9"]
+    responses = ["The answer is 4.", "The answer is 4.", "The answer is 5.", "The answer is 4.",  # 3/4
+                 "The answer is river.", "The answer is river.", "The answer is river.", "river",  # 3/4 (no format)
+                 "The answer is 8.", "The answer is 7.", "nine", "The answer is 90."]  # 0/4
+    rates = pass_rates(answers, responses, 4)
+    assert rates == [0.75, 0.75, 0.0]
+    assert select_by_pass_rate([10, 11, 12], rates, 0.25, 0.9) == [10, 11]
+    assert select_by_pass_rate([10, 11, 12], [1.0, 0.5, 0.25], 0.25, 0.9) == [11, 12]  # bounds inclusive
+    with pytest.raises(ValueError, match="7 responses for 3 prompts x 4 samples"):
+        pass_rates(answers, responses[:7], 4)
+    with pytest.raises(ConfigError, match="prompt_filter.min_pass"):
+        from llmray.rl.controller import RLConfig
+
+        load(RLConfig, None, ["prompt_filter.min_pass=0.8", "prompt_filter.max_pass=0.5"])

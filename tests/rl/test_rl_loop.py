@@ -46,7 +46,11 @@ def _after_first_step(ids: list[list[int]], seen: dict):
 
 @pytest.mark.parametrize("algorithm,extra", [
     ("ppo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32", "critic.optimizer.lr=1e-3", F32]),
-    ("rloo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32", "eval_sampled_k=4"]),
+    # RLOO also runs the prompt filter, with bounds that keep every prompt: its pass rates come from
+    # the real engine and the list is reused on resume.
+    ("rloo", ["algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=32", "eval_sampled_k=4",
+              "prompt_filter.enabled=true", "prompt_filter.samples=4", "prompt_filter.min_pass=0.0",
+              "prompt_filter.max_pass=1.0"]),
 ])
 def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_prompts, tmp_path):
     """PPO also carries the five-roles checks (one run instead of two): five separate processes,
@@ -82,6 +86,7 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
         # The final eval's task scores, as the pipeline reports them: greedy, and 4 samples per prompt.
         assert out["task_accuracy"] == round(e1, 4) and len(out["eval_examples"]) == 5
         assert 0 < out["sampled_accuracy"] <= out["sampled_pass_at_k"] <= 1
+        _check_prompt_filter(cfg, out)
         _check_resume(cfg)
     _expect_rise(f"{algorithm} reward", r0, r1, 0.03)
     _expect_rise(f"{algorithm} accuracy", a0, a1, 0.0)
@@ -165,6 +170,18 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     _expect_rise("grpo reward with kills", r0, r1, 0.03)
 
 
+def _check_prompt_filter(cfg, out: dict) -> None:
+    """The filter sampled 4 responses for each of the 8 prompts on the engine before training and,
+    with bounds [0, 1], kept them all in the seeded order."""
+    saved = json.loads((Path(cfg.run_dir) / "prompt_filter.json").read_text())
+    assert saved["pool"] == 8 and saved["samples"] == 4
+    rates = list(saved["pass_rates"].values())
+    assert len(rates) == 8 and all(r * 4 == int(r * 4) and 0 <= r <= 1 for r in rates), rates
+    assert sorted(saved["kept_indices"]) == list(range(8)) and saved["kept"] == 8
+    assert out["prompt_filter_pool"] == 8 and out["prompt_filter_kept"] == 8
+    assert out["prompt_filter_never_solved"] == sum(r == 0 for r in rates)
+
+
 def _check_resume(cfg) -> None:
     """A second run with one more step resumes from the last complete checkpoint (step 8) and runs
     step 9 only. (Part of the RLOO rise test, whose eight steps it reuses.)"""
@@ -174,6 +191,9 @@ def _check_resume(cfg) -> None:
     run_dir = Path(cfg.run_dir)
     meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "COMPLETE.json").read_text())
     assert meta["step"] == 8 and meta["prompts_consumed"] == 64 and meta["kl"]["kind"] == "fixed"
+    filt = run_dir / "prompt_filter.json"
+    mtime = filt.stat().st_mtime_ns
     out = run(replace(cfg, steps=9))
     assert out["steps"] == 9
+    assert filt.stat().st_mtime_ns == mtime and out["prompt_filter_kept"] == 8  # reused, not re-sampled
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, 10))  # steps 1-8 were not redone

@@ -69,6 +69,10 @@ def _check_trained(run: dict, steps: int, checkpoints: list[str]) -> None:
     row = m[steps]
     assert row["tokens_per_s"] > 0 and row["flops"] > 0 and 0 < row["mfu"] < 1
     assert row["grad_norm"] > 0 and row["memory/peak_rss_gb"] > 0
+    # Where the step went: forward and backward did the work, and the parts fit inside the step.
+    phases = [row[f"time/{ph}_s"] for ph in ("data", "forward", "backward", "optimizer")]
+    assert min(phases) >= 0 and phases[1] > 0 and phases[2] > phases[1] * 0.5, phases
+    assert sum(phases) <= row["step_time_s"], (phases, row["step_time_s"])
     assert row["lr"] == pytest.approx(2e-3 * 0.1, rel=1e-3)  # cosine reached its floor at decay_steps
     from llmray import artifacts
 
