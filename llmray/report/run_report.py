@@ -23,7 +23,8 @@ KEY_NUMBERS = ("documents", "documents_in", "documents_out", "duplicates_removed
                "near_duplicates", "tokens", "num_tokens", "num_sequences", "final_loss", "steps",
                "tokens_per_s", "accuracy", "eval_accuracy", "heldout_accuracy", "heldout_ppl",
                "task_accuracy", "sampled_accuracy", "task_mean_reward", "mean_reward", "perplexity_increase",
-               "size_ratio", "latency_p50_s", "elapsed_s", "prompt_filter_kept", "prompt_filter_pool")
+               "size_ratio", "latency_p50_s", "elapsed_s", "prompt_filter_kept", "prompt_filter_pool",
+               "eval/accuracy")
 
 
 def _metric_files(stage_dir: Path) -> list[Path]:

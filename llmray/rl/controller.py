@@ -220,8 +220,25 @@ class RLRun:
 
     # ---------------------------------------------------------------- weights and checkpoints
     def push_weights(self) -> dict:
+        """The actor's weights into every rollout engine. An engine that dies during the push is
+        restarted (it comes back with the starting weights) and the push is repeated to all engines,
+        so that each one also resets its prefix cache (`rollout.max_restarts` times at most)."""
+        from llmray.rl.weight_sync import WeightSyncError
+        from llmray.rl.worker_group import WorkerDiedError
+
         refs = [r for r in self.groups["actor"].weight_refs(self.cfg.weight_sync.bucket_mb) if r is not None][0]
-        return self.sync.push(refs, self.groups["rollout"])
+        group = self.groups["rollout"]
+        for attempt in range(self.cfg.rollout.max_restarts + 1):
+            try:
+                return self.sync.push(refs, group)
+            except (WeightSyncError, WorkerDiedError) as e:
+                dead = list(getattr(e, "dead_ranks", ()) or getattr(e, "ranks", ()) or ())
+                if not dead or attempt == self.cfg.rollout.max_restarts:
+                    raise
+                for rank in dead:
+                    group.restart(rank, cause=f"died during weight sync: {e}")
+                    self.log_restart("rollout", rank, "died during weight sync")
+        raise AssertionError("unreachable")
 
     def _on_rollout_restart(self, group, ranks) -> None:
         for rank in ranks:

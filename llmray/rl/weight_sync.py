@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 
 
 class WeightSyncError(RuntimeError):
-    """A weight push failed: timeout, checksum mismatch, or an engine error. Names the engine rank."""
+    """A weight push failed: timeout, checksum mismatch, or an engine error. Names the engine rank;
+    `dead_ranks` lists the engines whose process died during the push (restart them and push again)."""
+
+    def __init__(self, message: str, dead_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.dead_ranks = dead_ranks
 
 
 # Tensors that vLLM fuses into one parameter on load (QKVParallelLinear, MergedColumnParallelLinear):
@@ -174,8 +179,9 @@ class WeightSync:
                 try:
                     done[ref] = ray.get(ref, timeout=0)
                 except Exception as e:  # noqa: BLE001 - reported with the engine named
+                    dead = (r,) if isinstance(e, ray.exceptions.RayActorError) else ()
                     raise WeightSyncError(f"weight sync: rollout engine rank {r} failed loading bucket "
-                                          f"{b_idx}/{len(items)}: {type(e).__name__}: {e}") from e
+                                          f"{b_idx}/{len(items)}: {type(e).__name__}: {e}", dead) from e
             if len(done) < len(refs) and time.monotonic() >= deadline:
                 stuck = sorted({pending[x][0] for x in refs if x not in done})
                 n_left = sum(1 for x in refs if x not in done)

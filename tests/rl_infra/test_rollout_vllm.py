@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import hf_greedy, hf_token_logprobs  # noqa: E402
 
-from llmray.rl.weight_sync import WeightSync, put_buckets  # noqa: E402
+from llmray.rl.weight_sync import WeightSync, WeightSyncError, put_buckets  # noqa: E402
 from llmray.rl.worker_group import WorkerDiedError, WorkerGroup, call_with_restart  # noqa: E402
 from llmray.rl.workers.rollout import RolloutWorker  # noqa: E402
 
@@ -100,6 +100,10 @@ def test_killed_engine_is_restarted_resynced_and_retried(engine, hf_models, toke
     os.kill(pid, signal.SIGKILL)                         # mid-call
     with pytest.raises(WorkerDiedError, match="rollout rank 0 died"):
         pending.result()
+    # A push to a dead engine names it as dead, so the controller restarts it and pushes again.
+    with pytest.raises(WeightSyncError, match="rank 0 failed loading bucket") as failed:
+        sync.push(other.named_parameters(), engine)
+    assert failed.value.dead_ranks == (0,)
 
     resynced = []
 
