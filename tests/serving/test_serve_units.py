@@ -105,6 +105,19 @@ def test_engine_kwargs_and_speculative_config(tiny_model_dir, tmp_path):
         engine_kwargs(str(tiny_model_dir), build(EngineConfig, {"speculative": {"method": "draft", "draft_model": str(tmp_path)}}))
 
 
+def test_worker_process_sets_vllm_layout(tiny_model_dir):
+    from llmray.serving.engine import EngineConfig, engine_env, engine_kwargs
+
+    inproc = EngineConfig()
+    assert engine_env(inproc)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert engine_kwargs(str(tiny_model_dir), inproc)["distributed_executor_backend"] == "uni"
+    separate = build(EngineConfig, {"worker_process": "separate"})
+    assert engine_env(separate)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert "distributed_executor_backend" not in engine_kwargs(str(tiny_model_dir), separate)
+    with pytest.raises(ConfigError, match="worker_process"):
+        build(EngineConfig, {"worker_process": "third"})
+
+
 def test_bad_model_dir_fails_before_any_work(tmp_path):
     from llmray.serving.app import build_app
 
