@@ -27,6 +27,7 @@ class WeightLoader:
         state = load(payload)
         items = sorted(state.items())
         digest = checksum(items)
+        items = _to_engine_dtype(items, self.model_config.dtype)
         # reload_weights warns once per layer absent from this bucket; that is expected here.
         quiet = logging.getLogger("vllm.model_executor.model_loader.reload")
         level = quiet.level
@@ -64,7 +65,7 @@ class WeightLoader:
             tensors.append((name, t))
         torch.cuda.synchronize()
         digest = checksum(tensors)
-        self.reload_weights(weights_iterator=tensors)
+        self.reload_weights(weights_iterator=_to_engine_dtype(tensors, self.model_config.dtype))
         _refresh_tied(self.model_runner.get_model(), {n for n, _ in tensors})
         return {"checksum": digest, "num_tensors": len(tensors),
                 "bytes": sum(t.numel() * t.element_size() for _, t in tensors)}
@@ -75,6 +76,12 @@ class WeightLoader:
         model = self.model_runner.get_model()
         _refresh_tied(model, {name for name, _ in model.named_parameters()})
         return True
+
+
+def _to_engine_dtype(items: list, dtype) -> list:
+    """Cast floating tensors to the engine's dtype (fp32 actor -> bf16 engine): vLLM's loader would
+    cast the same way on copy, but warns once per tensor per push (800 lines in one `make run`)."""
+    return [(n, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for n, t in items]
 
 
 def _refresh_tied(model, loaded: set[str]) -> list[str]:
