@@ -80,7 +80,7 @@ class WeightLoader:
 
 def _to_engine_dtype(items: list, dtype) -> list:
     """Cast floating tensors to the engine's dtype (fp32 actor -> bf16 engine): vLLM's loader would
-    cast the same way on copy, but warns once per tensor per push (800 lines in one `make run`)."""
+    cast the same way on copy, but warns once per tensor per push (806 lines in one `make run`)."""
     return [(n, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for n, t in items]
 
 

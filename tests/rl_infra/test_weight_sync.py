@@ -78,6 +78,17 @@ def test_checksum_deterministic_order_free_and_sensitive():
     assert checksum(renamed) != a
 
 
+def test_bucket_cast_to_engine_dtype_matches_copy_into_param():
+    from llmray.rl.vllm_ext import _to_engine_dtype
+
+    w, idx, same = torch.randn(4, 3), torch.arange(5), torch.randn(2, dtype=torch.bfloat16)
+    out = dict(_to_engine_dtype([("w", w), ("idx", idx), ("same", same)], torch.bfloat16))
+    param = torch.empty(4, 3, dtype=torch.bfloat16)
+    param.copy_(w)  # what vLLM's default weight loader does with an fp32 tensor
+    assert out["w"].dtype == torch.bfloat16 and torch.equal(out["w"], param)
+    assert out["idx"] is idx and out["same"] is same
+
+
 def test_sampling_settings_reject_bad_keys():
     with pytest.raises(UserError, match="unknown key.*temprature"):
         sampling_settings({"temprature": 1.0})
