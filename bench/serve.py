@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 
 def _document(rng: random.Random) -> str:
     """A synthetic document; every other one repeats a passage of itself later on, as real text often
-    does (quotes, code, lists), so the models learn to copy, which is what prompt lookup relies on."""
+    does (quotes, code, lists): the kind of text prompt lookup pays on, once a model copies it."""
     from llmray.data import synthetic
 
     doc = synthetic.document(rng)
@@ -230,15 +230,15 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
     lines.append("(vllm_serve beside: vLLM's default server measured right after each level, the same load; "
                  "ratio = out tok/s over it)")
     lines.append("")
-    lines.append(f"{'ratios (output tok/s)':<44}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
+    lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
     for a, target in [("ours", ">= 0.9"), ("ours/direct", ">= 0.9"), ("ours/separate", ""),
                       ("vllm_serve/inproc", "(vLLM, worker in its engine core)")]:
-        lines.append(f"{a + ' / vllm_serve beside it':<44}" + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
+        lines.append(f"{a + ' / vllm_serve beside it':<52}" + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
     # Variants of ours against ours: each normalised by its own vllm_serve-beside run (speed drift cancels).
     for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/direct", "ours/direct", ">= 1.5 at c=1"),
                          ("ours+draft", "ours", ">= 1.5 at c=1"), ("ours+w8a8", "ours", ">= 1.2 (or size <= 0.6)")]:
-        lines.append(f"{a + ' / ' + b + ' (each vs beside)':<44}"
+        lines.append(f"{a + ' / ' + b + ' (each vs beside)':<52}"
                      + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
     lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} (bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
