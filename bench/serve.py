@@ -207,10 +207,6 @@ class VllmServer:
         self.logf.close()
 
 
-def tok_s(results: dict, name: str, c: int) -> float:
-    return results[name][c]["out_tok_s"] if name in results else float("nan")
-
-
 def vs_beside(results: dict, name: str, c: int) -> float:
     """`name`'s output tok/s over vLLM's server measured right beside it."""
     if name not in results:

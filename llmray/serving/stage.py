@@ -97,7 +97,7 @@ def _direct_port(app_name: str) -> int | None:
     controller = serve.context._get_global_client()._controller
     groups = ray.get(controller.get_target_groups.remote(app_name))
     for g in groups:
-        if str(getattr(g.protocol, "value", g.protocol)) == "HTTP" and g.app_name == app_name and g.targets:
+        if g.protocol == "HTTP" and g.app_name == app_name and g.targets:  # RequestProtocol is a str enum
             return g.targets[0].port
     if groups and all(not g.app_name for g in groups):
         raise UserError("ingress: direct, but this Ray cluster runs Serve's HTTP proxy: start it with "
@@ -121,9 +121,8 @@ def _ensure_serve(cfg: ServeConfig) -> int:
         return opts.port
     import ray
 
-    port = cfg.port or free_port(cfg.host)
-    if cfg.ingress == "direct":  # Serve still starts an (idle) head-node proxy: keep it off the replica's port
-        port = free_port(cfg.host)
+    # With `ingress: direct` Serve still starts an (idle) head-node proxy: keep it off the replica's port.
+    port = free_port(cfg.host) if cfg.ingress == "direct" else cfg.port or free_port(cfg.host)
     try:
         serve.start(http_options={"host": cfg.host, "port": port}, detached=False)
     except (ray.exceptions.ActorDiedError, TimeoutError) as e:
@@ -160,7 +159,7 @@ def start(cfg: ServeConfig) -> ServerHandle:
                 raise
             base = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}" if port else None
         try:
-            if base is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
+            if base is not None and status is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
