@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 WORK = ROOT / ".cache" / "bench_serve_v3"  # v3: the target is trained to copy (train_copying_lm)
 CONCURRENCY = (1, 8, 32)
-REQUESTS = {1: 16, 8: 64, 32: 160}  # several waves per level: short runs were noisy
+REQUESTS = {1: 48, 8: 64, 32: 160}  # several waves per level: short runs were noisy (c=1: 16 swung 1.1-1.5x)
 MAX_TOKENS = 32
 MAX_MODEL_LEN = 512
 TRAIN_STEPS = 300  # the draft's LM steps
@@ -237,8 +237,9 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
     from llmray.serving.loadgen import run_load
 
     for u in (url, beside):
-        if u:
-            run_load(u, "bench", ps, 2, 2, 8, api_key if u == url else None)  # warm-up
+        if u:  # warm-up at two batch sizes: on CPU each new batch shape costs a one-off kernel set-up
+            for c, n in ((1, 4), (8, 16)):
+                run_load(u, "bench", ps, c, n, MAX_TOKENS, api_key if u == url else None)
     res = {}
     for c in CONCURRENCY:
         res[c] = run_load(url, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key)
