@@ -14,7 +14,7 @@ context, and short LM training on text never teaches that: the target first lear
 (random token segments repeated: only copying predicts them), then trains on documents that repeat
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
 
-    .venv/bin/python bench/serve.py            # ~15 min on 2 cores; JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py            # ~12 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
     .venv/bin/python bench/serve.py --only ours,ours/direct   # rerun some variants, keep the others
 """
 
@@ -147,10 +147,11 @@ def train_copying_lm(out: Path, tok_dir: Path, shape: dict, seed: int) -> Path:
     for i in range(COPY_STEPS[0]):
         recent = (recent + [step([_repeated([rng.randrange(10, len(tok)) for _ in range(rng.randint(8, 40))], 129)
                                   for _ in range(16)])])[-50:]
+        mean = sum(recent) / len(recent)
         if i % 100 == 0:
-            log(f"train {out.name} copy phase step {i} loss {sum(recent) / len(recent):.3f}")
-        if i >= 100 and sum(recent) / len(recent) < 2.5:
-            log(f"train {out.name}: copies random segments after {i} steps (loss {sum(recent) / len(recent):.3f})")
+            log(f"train {out.name} copy phase step {i} loss {mean:.3f}")
+        if i >= 100 and mean < 2.5:
+            log(f"train {out.name}: copies random segments after {i} steps (loss {mean:.3f})")
             break
     else:
         log(f"train {out.name}: no copying after {COPY_STEPS[0]} steps; prompt lookup will not pay")
