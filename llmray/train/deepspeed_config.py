@@ -67,6 +67,9 @@ class DeepSpeedConfig:
     """Overlap gradient reduction with backward (helps on GPU; on gloo/CPU it mostly adds threads)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process group backend: auto = nccl on GPU, gloo on CPU."""
+    shm_collectives: bool = True
+    """On gloo with every rank on one host: ZeRO's gradient reduction and parameter all-gather go
+    through DeepSpeed's shared-memory all-reduce, 1.5-2.8x faster than gloo here. Ignored elsewhere."""
 
     def __post_init__(self) -> None:
         check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")

@@ -45,8 +45,12 @@ def setup_env() -> None:
                             category=FutureWarning)
 
 
-def init_distributed(backend: str = "auto") -> None:
-    """Make sure torch.distributed is initialised (gloo on CPU, nccl on GPU) and DeepSpeed's comm too."""
+def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> bool:
+    """Make sure torch.distributed is initialised (gloo on CPU, nccl on GPU) and DeepSpeed's comm too.
+
+    With `shm_collectives` on gloo, when every rank shares this host, ZeRO's collectives go through
+    DeepSpeed's shared-memory all-reduce (llmray/train/shm_comm.py); otherwise through gloo.
+    Returns whether they do."""
     import torch
     import torch.distributed as dist
 
@@ -59,11 +63,20 @@ def init_distributed(backend: str = "auto") -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
+        if shm_collectives and backend == "gloo":  # the host check below needs a process group
+            dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     import deepspeed
 
+    from llmray.train import shm_comm
+
     t0 = time.monotonic()
+    shm = shm_collectives and backend == "gloo" and dist.is_initialized() and shm_comm.prepare()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    log.info("distributed ready (%s, world %d) in %.1fs", backend, dist.get_world_size(), time.monotonic() - t0)
+    if shm:
+        shm = shm_comm.install()
+    log.info("distributed ready (%s%s, world %d) in %.1fs", backend, " + shared-memory collectives" if shm else "",
+             dist.get_world_size(), time.monotonic() - t0)
+    return bool(shm)
 
 
 def _free_port() -> int:
@@ -105,7 +118,7 @@ def build_engine(
     import deepspeed
     import torch
 
-    init_distributed(ds.backend)
+    init_distributed(ds.backend, ds.shm_collectives)
     world = torch.distributed.get_world_size()
     if ds.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmray.train import checkpoint as ckpt
+from llmray.train import shm_comm
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
 
 if TYPE_CHECKING:
@@ -232,7 +233,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if last_saved != step:
         _save(engine, root, step, consumed, spec, {})
 
-    result: dict[str, Any] = {"step": step, "consumed_chunks": consumed}
+    result: dict[str, Any] = {"step": step, "consumed_chunks": consumed,
+                              "collectives": "shm" if shm_comm.active() else torch.distributed.get_backend()}
     if spec.eval_rows:
         engine.eval()
         ev = _evaluate(engine, spec, rank, world)

@@ -92,20 +92,24 @@ def test_loss_decreases_at_every_zero_stage(ray_cluster, root, packed_dataset, n
 def test_resume_is_exact_and_skips_cut_off_checkpoint(ray_cluster, root, packed_dataset):
     """The straight ZeRO-1 run's step-6 checkpoint, as if that run had stopped there, plus a cut-off
     checkpoint at step 9; resume to 12: it starts from step 6 (the newest COMPLETE checkpoint) and
-    steps 7-12 train on the same rows with the same losses as the straight run."""
+    steps 7-12 train on the same rows with the same losses as the straight run. The straight run's
+    collectives went through shared memory (the default on one host), the resumed run's through gloo:
+    the same losses also show the two reduce alike."""
     import shutil
 
     from llmray.train.pretrain import run
 
-    straight = _pretrain(root, packed_dataset, "zero1")["metrics"]
-    cfg = _cfg(root, "resumed", packed_dataset, ["deepspeed.zero_stage=1"])
+    first = _pretrain(root, packed_dataset, "zero1")
+    straight = first["metrics"]
+    assert first["result"]["collectives"] == "shm"
+    cfg = _cfg(root, "resumed", packed_dataset, ["deepspeed.zero_stage=1", "deepspeed.shm_collectives=false"])
     ckpts = root / "resumed" / "checkpoints"
     shutil.copytree(root / "zero1" / "checkpoints" / "step_00000006", ckpts / "step_00000006")
     cut = ckpts / "step_00000009"
     (cut / "state").mkdir(parents=True)
     (cut / "state" / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
     out = run(cfg)
-    assert out["step"] == STEPS
+    assert out["step"] == STEPS and out["collectives"] == "gloo"
     resumed = _metrics(root / "resumed")
     assert sorted(resumed) == list(range(7, STEPS + 1))  # nothing before the checkpoint was trained again
     for s in range(7, STEPS + 1):
