@@ -1,7 +1,8 @@
 """Serving benchmark: our Ray Serve endpoint vs vLLM's own OpenAI server (`vllm serve`), plus ours
 with n-gram speculation, with a draft model, and with the W8A8 quantized model, at concurrency
-1, 8 and 32 on a fixed prompt set with fixed output lengths (ignore_eos). Ours runs behind Serve's
-proxy (`ingress: proxy`, the default) and with direct ingress (`ingress: direct`).
+1, 8 and 32 on a fixed prompt set with fixed output lengths (ignore_eos). Ours runs as `llmray serve`
+runs one replica by default (`ingress: auto`, which is then `direct`: the replica takes HTTP itself),
+and behind Serve's HTTP proxy (`/proxy` rows: what an autoscaled deployment goes through).
 
 vLLM's server stays up for the whole run, and every level of every variant is followed at once by
 the same level on it ("vllm_serve beside"): this machine's speed drifts by up to 2x over minutes, so
@@ -15,7 +16,7 @@ context, and short LM training on text never teaches that: the target first lear
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
 
     .venv/bin/python bench/serve.py            # ~12 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
-    .venv/bin/python bench/serve.py --only ours,ours/direct   # rerun some variants, keep the others
+    .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
     return res
 
 
-def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "proxy") -> dict[int, dict]:
+def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "auto") -> dict[int, dict]:
     from llmray.config import build
     from llmray.serving.stage import ServeConfig, start
 
@@ -262,7 +263,7 @@ def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str,
                               "limits": {"max_queue": 128}, "deployment": {"max_queued_requests": 256}})
     t = time.monotonic()
     handle = start(cfg)
-    log(f"  ready in {time.monotonic() - t:.0f}s at {handle.url}")
+    log(f"  ready in {time.monotonic() - t:.0f}s at {handle.url} (ingress: {ingress})")
     try:
         return sweep(handle.url, ps, handle.api_key, beside)
     finally:
@@ -339,12 +340,12 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
                  "ratio = out tok/s over it)")
     lines.append("")
     lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
-    for a, target in [("ours", ">= 0.9"), ("ours/direct", ">= 0.9"), ("ours/separate", ""),
+    for a, target in [("ours", ">= 0.9"), ("ours/proxy", ">= 0.9"), ("ours/separate", ""),
                       ("vllm_serve/inproc", "(vLLM, worker in its engine core)")]:
         lines.append(f"{a + ' / vllm_serve beside it':<52}" + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
     # Variants of ours against ours: each normalised by its own vllm_serve-beside run (speed drift cancels).
-    for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/direct", "ours/direct", ">= 1.5 at c=1"),
+    for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/proxy", "ours/proxy", ">= 1.5 at c=1"),
                          ("ours+draft", "ours", ">= 1.5 at c=1"), ("ours+w8a8", "ours", ">= 1.2 (or size <= 0.6)")]:
         lines.append(f"{a + ' / ' + b + ' (each vs beside)':<52}"
                      + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
@@ -396,17 +397,17 @@ def main() -> int:
         results = {k: {int(c): r for c, r in v.items()} for k, v in old.items() if "beside" in next(iter(v.values()))}
     draft = {**ENGINE, "speculative": {"method": "draft", "draft_model": str(m["draft"]), "num_speculative_tokens": 3}}
     ngram = {**ENGINE, "speculative": {"method": "ngram"}}
-    # Ours behind Serve's proxy (the default), then on a cluster with direct ingress (`ingress: direct`),
-    # which must be in the environment when the cluster starts.
+    # Ours as `llmray serve` runs one replica (`ingress: auto` -> direct: the cluster starts with direct
+    # ingress on, the replica takes HTTP itself), then behind Serve's proxy (`ingress: proxy`).
     from llmray.serving.stage import direct_ingress_env, free_port
 
     clusters = {
-        "proxy": {"ours": (m["target"], ENGINE),
-                  # Our replica with vLLM's default CPU layout (the model worker in a third process).
-                  "ours/separate": (m["target"], {**ENGINE, "worker_process": "separate"}),
-                  "ours+ngram": (m["target"], ngram), "ours+w8a8": (m["quantized"], ENGINE),
-                  "ours+draft": (m["target"], draft)},
-        "direct": {"ours/direct": (m["target"], ENGINE), "ours+ngram/direct": (m["target"], ngram)},
+        "direct": {"ours": (m["target"], ENGINE),
+                   # Our replica with vLLM's default CPU layout (the model worker in a third process).
+                   "ours/separate": (m["target"], {**ENGINE, "worker_process": "separate"}),
+                   "ours+ngram": (m["target"], ngram), "ours+w8a8": (m["quantized"], ENGINE),
+                   "ours+draft": (m["target"], draft)},
+        "proxy": {"ours/proxy": (m["target"], ENGINE), "ours+ngram/proxy": (m["target"], ngram)},
     }
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -433,7 +434,8 @@ def main() -> int:
             start_ray(direct_ingress_env(free_port()) if ingress == "direct" else None)
             for name, (model, engine) in todo.items():
                 try:
-                    results[name] = bench_ours(name, model, engine, ps, vllm_url, ingress)
+                    # the default config (`ingress: auto`) on the direct-ingress cluster; explicit proxy on the other
+                    results[name] = bench_ours(name, model, engine, ps, vllm_url, "auto" if ingress == "direct" else "proxy")
                 except Exception as e:  # noqa: BLE001 - report the others
                     log(f"{name} failed: {type(e).__name__}: {e}")
                 save()

@@ -123,12 +123,14 @@ class ServeConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    ingress: Literal["proxy", "direct"] = "proxy"
+    ingress: Literal["auto", "proxy", "direct"] = "auto"
     """How HTTP reaches the replica. `proxy`: Serve's HTTP proxy routes each request (load balancing
     across replicas, autoscaling). `direct`: Serve's direct ingress; the replica itself listens on
     `port` and requests bypass the proxy (one busy process and one hop fewer per request and per
     streamed chunk), for one replica. Needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1, which
-    `llmray serve` sets on the local cluster it starts (see `direct_ingress_env`)."""
+    `llmray serve` sets on the local cluster it starts (see `direct_ingress_env`). `auto`: `direct`
+    for one replica (max_replicas 1) when `llmray serve` starts its own cluster or the cluster has
+    direct ingress on; `proxy` otherwise (an autoscaled deployment, or a shared cluster)."""
     stream_flush_ms: float = 50.0
     """Streaming: SSE events ready within this window leave the replica as one HTTP chunk, which
     saves a hop through Serve's proxy per token. The first chunk is never held; 0 = send whatever

@@ -87,6 +87,17 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
+def resolve_ingress(cfg: ServeConfig, starts_cluster: bool = False) -> ServeConfig:
+    """`ingress: auto` made concrete: `direct` for a single replica when the cluster is ours to start
+    (`starts_cluster`) or runs with direct ingress on (its flag in this process's environment);
+    `proxy` otherwise. `proxy` and `direct` pass through."""
+    if cfg.ingress != "auto":
+        return cfg
+    direct = cfg.deployment.autoscaling.max_replicas == 1 and (
+        starts_cluster or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1")
+    return replace(cfg, ingress="direct" if direct else "proxy")
+
+
 def _direct_port(app_name: str) -> int | None:
     """The HTTP port of `app_name`'s ingress replica under direct ingress (None until it has one).
     Serve's controller publishes it in the app's target group; a cluster without direct ingress
@@ -141,6 +152,7 @@ def start(cfg: ServeConfig) -> ServerHandle:
     from llmray.serving.auth import resolve_api_key
 
     check_model_dir(cfg.model)
+    cfg = resolve_ingress(cfg)
     port = _ensure_serve(cfg)
     application = build_app(cfg)
     serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
@@ -175,12 +187,14 @@ def run(cfg: ServeConfig) -> dict:
     """`llmray serve`: (gate) -> start -> print the URL -> block until Ctrl-C -> graceful shutdown."""
     from llmray.cluster import init_ray
 
-    check_model_dir(cfg.model)
-    if cfg.ingress == "direct":  # the flag must be in the cluster's environment before it starts
-        import ray
+    import ray
 
+    check_model_dir(cfg.model)
+    starts_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    cfg = resolve_ingress(cfg, starts_cluster)
+    if cfg.ingress == "direct":  # the flag must be in the cluster's environment before it starts
         cfg = replace(cfg, port=cfg.port or free_port(cfg.host))
-        if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        if starts_cluster:
             cfg = replace(cfg, ray=replace(cfg.ray, env={**direct_ingress_env(cfg.port), **cfg.ray.env}))
     init_ray(cfg.ray)
     decision = None

@@ -150,6 +150,21 @@ def test_direct_ingress_env_starts_replica_ports_at_the_configured_port():
     assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 18080
 
 
+def test_auto_ingress_is_direct_only_for_one_replica_on_a_cluster_with_direct_ingress(monkeypatch):
+    from llmray.serving.stage import resolve_ingress
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    one = build(ServeConfig, {})
+    assert one.ingress == "auto"
+    assert resolve_ingress(one, starts_cluster=True).ingress == "direct"  # `llmray serve` on a laptop
+    assert resolve_ingress(one).ingress == "proxy"  # a cluster started without the flag
+    scaled = build(ServeConfig, {"deployment": {"autoscaling": {"max_replicas": 3}}})
+    assert resolve_ingress(scaled, starts_cluster=True).ingress == "proxy"  # needs the load balancer
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    assert resolve_ingress(one).ingress == "direct" and resolve_ingress(scaled).ingress == "proxy"
+    assert resolve_ingress(build(ServeConfig, {"ingress": "proxy"}), starts_cluster=True).ingress == "proxy"
+
+
 def test_metrics_parse_and_sum():
     from llmray.serving.metrics import ServingMetrics, metric_sum, parse_prometheus
 
