@@ -1,10 +1,14 @@
 """Benchmark: bare single-process PyTorch training loop vs llmray pretrain on 2 Ray Train workers at ZeRO-1/2/3/3+offload.
 
 Same model, global batch, sequence length and steps on both sides; the bare loop uses both cores
-(2 torch threads), llmray uses 2 workers x 1 thread. Prints steady-state tokens/s (median over the
+(2 torch threads), llmray uses 2 workers x 1 thread. ZeRO's collectives go through shared memory
+(the default on one host); `zero1_gloo` runs ZeRO-1 over gloo instead, to show what that saves.
+This machine's speed drifts by up to 2x within minutes, so besides the bare loop run before Ray
+starts ("vs bare"), a shorter bare loop runs right after each llmray variant ("vs beside": the
+same conditions, seconds apart, with Ray idle in the background). Prints steady-state tokens/s (median over the
 steps after warm-up), peak RSS per process, and ratios to the bare loop; saves bench/results/train.json.
 
-    .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~12 min
+    .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~17 min
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ print("RESULT" + json.dumps({"step_times": times, "losses": losses, "phases": ph
 
 VARIANTS = {
     "zero1": ["deepspeed.zero_stage=1"],
+    # the same, with ZeRO's collectives over gloo instead of shared memory (what they cost)
+    "zero1_gloo": ["deepspeed.zero_stage=1", "deepspeed.shm_collectives=false"],
     "zero2": ["deepspeed.zero_stage=2"],
     "zero3": ["deepspeed.zero_stage=3"],
     "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
@@ -107,16 +113,21 @@ def main() -> None:
         for name, extra in VARIANTS.items():
             print(f"llmray {name}, global batch {gb} ...", flush=True)
             results[gb][name] = llmray_run(a, work, gb, name, extra)
+            results[gb][name]["beside"] = bare_loop(a, work, gb, steps=max(8, a.steps // 2), warmup=3)
 
     print()
-    print(f"{'batch':>6}  {'run':<16}{'tokens/s':>10}{'vs bare':>10}{'peak RSS/proc GB':>18}{'final loss':>12}{'wall s':>9}")
+    print(f"{'batch':>6}  {'run':<16}{'tokens/s':>10}{'vs bare':>10}{'bare beside':>13}{'vs beside':>11}"
+          f"{'peak RSS/proc GB':>18}{'final loss':>12}{'wall s':>9}")
     for gb, per in results.items():
         base = per["bare"]["tokens_per_s"]
         for name, r in per.items():
-            print(f"{gb:>6}  {name:<16}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base:>9.2f}x{r['peak_rss_gb']:>18.2f}"
-                  f"{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
+            side = r.get("beside", {}).get("tokens_per_s")
+            beside = f"{side:>13.0f}{r['tokens_per_s'] / side:>10.2f}x" if side else f"{'':>13}{'':>11}"
+            print(f"{gb:>6}  {name:<16}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base:>9.2f}x{beside}"
+                  f"{r['peak_rss_gb']:>18.2f}{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
     print(f"(batch = sequences of {a.seq_len} tokens per optimizer step; steady state: median step time after "
-          "warm-up; llmray wall time includes Ray Train start-up, DeepSpeed init and checkpoint/export)")
+          "warm-up; llmray wall time includes Ray Train start-up, DeepSpeed init and checkpoint/export; "
+          f"bare beside: the bare loop, {max(8, a.steps // 2)} steps, run right after that variant)")
     print()
     print("where a steady step's time goes, median seconds (llmray: rank 0; backward includes ZeRO's gradient "
           "reduction, optimizer its parameter all-gather; other = step minus the phases' medians)")
@@ -132,21 +143,22 @@ def main() -> None:
     print(f"saved {out_dir / 'train.json'}")
 
 
-def bare_loop(a, work: Path, gb: int) -> dict:
+def bare_loop(a, work: Path, gb: int, steps: int | None = None, warmup: int | None = None) -> dict:
     """The baseline: one process, 2 torch threads, plain AdamW, the same data and schedule."""
-    print(f"bare PyTorch loop: preset {a.preset}, global batch {gb} x {a.seq_len}, {a.steps} steps, 2 threads",
+    steps, warmup = steps or a.steps, a.warmup if warmup is None else warmup
+    print(f"bare PyTorch loop: preset {a.preset}, global batch {gb} x {a.seq_len}, {steps} steps, 2 threads",
           flush=True)
     args = {"tokenizer": str(work / "tok"), "dataset": str(work / "data"), "preset": a.preset,
-            "steps": a.steps, "global_batch": gb}
+            "steps": steps, "global_batch": gb}
     p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], check=False, capture_output=True, text=True, timeout=1800)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
         sys.exit(f"bare loop failed:\n{p.stderr[-3000:]}")
     bare = json.loads(line[0][6:])
-    st = statistics.median(bare["step_times"][a.warmup:])
+    st = statistics.median(bare["step_times"][warmup:])
     return {"tokens_per_s": gb * a.seq_len / st, "peak_rss_gb": bare["peak_rss_gb"],
             "final_loss": bare["losses"][-1], "wall_s": sum(bare["step_times"]),
-            "step_s": st, "phases": _phase_medians(bare["phases"][a.warmup:])}
+            "step_s": st, "phases": _phase_medians(bare["phases"][warmup:])}
 
 
 def llmray_run(a, work: Path, gb: int, name: str, extra: list[str]) -> dict:
