@@ -18,8 +18,7 @@ on what all ranks pass alike. Use:
 
 The op names its shared-memory segments after MASTER_ADDR / MASTER_PORT and never removes them
 (~69 MB per rank in /dev/shm); `install` unlinks them once every rank has mapped its peers', so a
-run leaves nothing behind, even if it crashes.
-"""
+run that got through start-up leaves nothing behind, even if it crashes later."""
 
 from __future__ import annotations
 
