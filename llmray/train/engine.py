@@ -45,12 +45,12 @@ def setup_env() -> None:
                             category=FutureWarning)
 
 
-def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> bool:
+def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> None:
     """Make sure torch.distributed is initialised (gloo on CPU, nccl on GPU) and DeepSpeed's comm too.
 
     With `shm_collectives` on gloo, when every rank shares this host, ZeRO's collectives go through
-    DeepSpeed's shared-memory all-reduce (llmray/train/shm_comm.py); otherwise through gloo.
-    Returns whether they do."""
+    DeepSpeed's shared-memory all-reduce (llmray/train/shm_comm.py; `shm_comm.active()` tells which);
+    otherwise through gloo."""
     import torch
     import torch.distributed as dist
 
@@ -73,10 +73,9 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> bo
     shm = shm_collectives and backend == "gloo" and dist.is_initialized() and shm_comm.prepare()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if shm:
-        shm = shm_comm.install()
-    log.info("distributed ready (%s%s, world %d) in %.1fs", backend, " + shared-memory collectives" if shm else "",
-             dist.get_world_size(), time.monotonic() - t0)
-    return bool(shm)
+        shm_comm.install()
+    log.info("distributed ready (%s%s, world %d) in %.1fs", backend,
+             " + shared-memory collectives" if shm_comm.active() else "", dist.get_world_size(), time.monotonic() - t0)
 
 
 def _free_port() -> int:

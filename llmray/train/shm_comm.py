@@ -84,9 +84,9 @@ def install() -> bool:
     import torch
     import torch.distributed as dist
 
-    backend = dcomm.cdb
-    if getattr(backend, "_llmray_shm", False):
+    if active():
         return True
+    backend = dcomm.cdb
     world, rank = dist.get_world_size(), dist.get_rank()
     level = getattr(backend, "shm_vector_kernel_level", 0) if getattr(backend, "shm_comm_op", None) else 0
     flags = torch.tensor([int(_prepared and level >= 1)])

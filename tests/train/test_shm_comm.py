@@ -21,10 +21,12 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from llmray.train import shm_comm
     from llmray.train.engine import init_distributed
 
     torch.set_num_threads(1)
-    on = init_distributed("gloo", shm_collectives=True)
+    init_distributed("gloo", shm_collectives=True)
+    on = shm_comm.active()
     import deepspeed.comm as dcomm
 
     g = torch.Generator().manual_seed(rank)
