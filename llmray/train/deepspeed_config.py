@@ -85,18 +85,23 @@ class DeepSpeedConfig:
         return self.micro_batch_size * self.grad_accum_steps * world_size
 
 
-def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int) -> dict[str, Any]:
+def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, shm: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config for these settings.
 
     The optimizer and scheduler are NOT in it: the engine passes a torch AdamW (param groups with
     decay only on >= 2-dim tensors) and a LambdaLR, which avoids compiling DeepSpeed's CPU Adam op.
+
+    `shm`: the collectives run on shared memory (llmray/train/shm_comm.py). ZeRO-1/2 then reduce
+    each gradient bucket with one in-place all-reduce instead of DeepSpeed's reduce-scatter path,
+    which first flattens the bucket's slices per destination rank: 0.08-0.17 s less per step at
+    global batch 16 here (same losses), since the shm all-reduce costs what a reduce-scatter would.
     """
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(
             allgather_partitions=True,
             allgather_bucket_size=ds.bucket_size,
-            reduce_scatter=True,
+            reduce_scatter=not (shm and ds.zero_stage in (1, 2) and not ds.offload_optimizer),
             reduce_bucket_size=ds.bucket_size,
             overlap_comm=ds.overlap_comm,
             contiguous_gradients=True,

@@ -123,7 +123,9 @@ def build_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
-    config = ds_config(ds, opt or OptimizerConfig(), world)
+    from llmray.train import shm_comm
+
+    config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active())
     t0 = time.monotonic()
     if opt is None:
         config.pop("gradient_clipping", None)

@@ -24,6 +24,19 @@ def test_ds_config_from_typed_settings():
     z = c["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert c["zero_force_ds_cpu_optimizer"] is False
+    assert z["reduce_scatter"]  # stage 3: always DeepSpeed's reduce-scatter
+
+
+def test_ds_config_reduces_whole_buckets_on_shared_memory_at_zero_1_and_2():
+    """On shm collectives ZeRO-1/2 all-reduce each gradient bucket in place (no per-rank flatten)."""
+    from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig, ds_config
+
+    def rs(shm: bool, **kw) -> bool:
+        return ds_config(DeepSpeedConfig(**kw), OptimizerConfig(), world_size=2, shm=shm)["zero_optimization"]["reduce_scatter"]
+
+    assert not rs(True, zero_stage=1) and not rs(True, zero_stage=2)
+    assert rs(False, zero_stage=1) and rs(False, zero_stage=2)  # gloo / nccl: DeepSpeed's default
+    assert rs(True, zero_stage=3) and rs(True, zero_stage=2, offload_optimizer=True)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -93,8 +93,8 @@ def test_resume_is_exact_and_skips_cut_off_checkpoint(ray_cluster, root, packed_
     """The straight ZeRO-1 run's step-6 checkpoint, as if that run had stopped there, plus a cut-off
     checkpoint at step 9; resume to 12: it starts from step 6 (the newest COMPLETE checkpoint) and
     steps 7-12 train on the same rows with the same losses as the straight run. The straight run's
-    collectives went through shared memory (the default on one host), the resumed run's through gloo:
-    the same losses also show the two reduce alike."""
+    collectives went through shared memory (the default on one host; whole-bucket all-reduce), the
+    resumed run's through gloo (DeepSpeed's reduce-scatter): the same losses also show the two reduce alike."""
     import shutil
 
     from llmray.train.pretrain import run
