@@ -4,9 +4,10 @@ with n-gram speculation, with a draft model, and with the W8A8 quantized model, 
 runs one replica by default (`ingress: auto`, which is then `direct`: the replica takes HTTP itself),
 and behind Serve's HTTP proxy (`/proxy` rows: what an autoscaled deployment goes through).
 
-vLLM's server stays up for the whole run, and every level of every variant is followed at once by
-the same level on it ("vllm_serve beside"): this machine's speed drifts by up to 2x over minutes, so
-each ratio compares two runs seconds apart.
+vLLM's server stays up for the whole run, and every level of every variant is measured interleaved
+with the same level on it ("vllm_serve beside": ours, vLLM, vLLM, ours, each side pooled): this
+machine's speed drifts by up to 2x over minutes, so each ratio compares runs seconds apart, in an
+order where a steady drift weighs on both sides alike.
 
 Models: a target and a smaller draft (same tokenizer) trained here by a short plain-torch LM loop
 (fast and independent of the training stage's Ray/DeepSpeed start-up); the target is then
@@ -15,7 +16,7 @@ context, and short LM training on text never teaches that: the target first lear
 (random token segments repeated: only copying predicts them), then trains on documents that repeat
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
 
-    .venv/bin/python bench/serve.py            # ~12 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py            # ~16 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
     .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
 """
 
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 WORK = ROOT / ".cache" / "bench_serve_v3"  # v3: the target is trained to copy (train_copying_lm)
 CONCURRENCY = (1, 8, 32)
-REQUESTS = {1: 48, 8: 64, 32: 160}  # several waves per level: short runs were noisy (c=1: 16 swung 1.1-1.5x)
+REQUESTS = {1: 32, 8: 64, 32: 160}  # per round; several waves per level: short runs were noisy (c=1: 16 swung 1.1-1.5x)
+ROUNDS = 2  # per level and side, interleaved ours, vLLM, vLLM, ours
 MAX_TOKENS = 32
 MAX_MODEL_LEN = 512
 TRAIN_STEPS = 300  # the draft's LM steps
@@ -233,10 +235,11 @@ def prompts() -> list[str]:
 
 
 def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None) -> dict[int, dict]:
-    """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it right after,
-    so every figure has a baseline measured within seconds of it (this machine's speed drifts by 2x
-    over minutes). The baseline's figures are stored under "beside"."""
-    from llmray.serving.loadgen import run_load
+    """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it in the order
+    ours, vLLM, vLLM, ours (ROUNDS=2; ABBA...), pooled per side: this machine's speed drifts by 2x over
+    minutes, and a drift that is steady over a level's rounds then weighs on both sides alike.
+    The baseline's pooled figures are stored under "beside"."""
+    from llmray.serving.loadgen import merge, run_load
 
     for u in (url, beside):
         if u:  # warm-up at two batch sizes: on CPU each new batch shape costs a one-off kernel set-up
@@ -244,11 +247,19 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
                 run_load(u, "bench", ps, c, n, MAX_TOKENS, api_key if u == url else None)
     res = {}
     for c in CONCURRENCY:
-        res[c] = run_load(url, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key)
+        ours, base = [], []
+        for r in range(ROUNDS if beside else 1):
+            order = [(url, ours), (beside, base)] if r % 2 == 0 else [(beside, base), (url, ours)]
+            for u, runs in order:
+                if u:
+                    runs.append(run_load(u, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key if u == url else None))
+        res[c] = merge(ours)
         msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
         if beside:
-            res[c]["beside"] = run_load(beside, "bench", ps, c, REQUESTS[c], MAX_TOKENS)
-            msg += f"; vllm_serve beside it {res[c]['beside']['out_tok_s']:.0f} tok/s"
+            res[c]["beside"] = merge(base)
+            rates = lambda runs: " ".join(f"{x['out_tok_s']:.0f}" for x in runs)  # noqa: E731
+            msg += (f"; vllm_serve beside it {res[c]['beside']['out_tok_s']:.0f} tok/s"
+                    f" (rounds: ours {rates(ours)}, vllm_serve {rates(base)})")
         log(msg)
     return res
 
@@ -336,8 +347,8 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
             lines.append(f"{name:<20}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
                          f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}"
                          f"{r['beside']['out_tok_s']:>15.0f} tok/s{vs_beside(results, name, c):>6.2f}")
-    lines.append("(vllm_serve beside: vLLM's default server measured right after each level, the same load; "
-                 "ratio = out tok/s over it)")
+    lines.append(f"(vllm_serve beside: vLLM's default server under the same load, interleaved with each level in "
+                 f"{ROUNDS} rounds (ours, vLLM, vLLM, ours), each side pooled; ratio = out tok/s over it)")
     lines.append("")
     lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
     for a, target in [("ours", ">= 0.9"), ("ours/proxy", ">= 0.9"), ("ours/separate", ""),

@@ -1,5 +1,6 @@
 """A closed-loop load generator for OpenAI-compatible servers: N concurrent streaming clients,
-fixed prompts and output lengths; reports req/s, output tok/s, TTFT and end-to-end p50/p99."""
+fixed prompts and output lengths; reports req/s, output tok/s, TTFT and end-to-end p50/p99.
+`merge` pools several runs of one load (rounds interleaved with a baseline's) into one report."""
 
 from __future__ import annotations
 
@@ -65,15 +66,25 @@ async def run_load_async(url: str, model: str, prompts: list, concurrency: int, 
         await asyncio.gather(*[worker(client) for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     good = [r for r in results if r["ok"]]
-    ttft = [r["ttft"] for r in good]
-    e2e = [r["e2e"] for r in good]
+    return _report(concurrency, len(results), wall, sum(r["tokens"] for r in good),
+                   [r["ttft"] for r in good], [r["e2e"] for r in good])
+
+
+def _report(concurrency: int, requests: int, wall: float, tokens: int, ttft: list[float], e2e: list[float]) -> dict:
     return {
-        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(good),
-        "req_s": len(good) / wall, "out_tok_s": sum(r["tokens"] for r in good) / wall,
+        "concurrency": concurrency, "requests": requests, "errors": requests - len(e2e),
+        "req_s": len(e2e) / wall, "out_tok_s": tokens / wall,
         "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
         "e2e_p50_ms": 1000 * percentile(e2e, 50), "e2e_p99_ms": 1000 * percentile(e2e, 99),
-        "wall_s": wall,
+        "wall_s": wall, "tokens": tokens, "ttft_s": ttft, "e2e_s": e2e,
     }
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one load as one: rates over the summed wall time, percentiles over every request."""
+    return _report(runs[0]["concurrency"], sum(r["requests"] for r in runs), sum(r["wall_s"] for r in runs),
+                   sum(r["tokens"] for r in runs), [x for r in runs for x in r["ttft_s"]],
+                   [x for r in runs for x in r["e2e_s"]])
 
 
 def run_load(*args, **kwargs) -> dict[str, Any]:

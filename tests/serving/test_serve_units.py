@@ -181,6 +181,19 @@ def test_metrics_parse_and_sum():
     assert metric_sum(p, "llmray_spec_decode_acceptance_rate") == pytest.approx(0.6)
 
 
+def test_loadgen_merge_pools_rounds():
+    """Two rounds of one load: rates over the summed wall time, percentiles over all requests."""
+    from llmray.serving.loadgen import _report, merge, percentile
+
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    a = _report(8, 4, 2.0, 100, [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0])
+    b = _report(8, 5, 3.0, 50, [0.5, 0.6, 0.7, 0.8], [2.0, 2.0, 2.0, 2.0])  # one request failed
+    m = merge([a, b])
+    assert m["requests"] == 9 and m["errors"] == 1 and m["wall_s"] == 5.0
+    assert m["out_tok_s"] == pytest.approx(150 / 5.0) and m["req_s"] == pytest.approx(8 / 5.0)
+    assert m["ttft_p50_ms"] == pytest.approx(400.0) and m["e2e_p99_ms"] == pytest.approx(2000.0)
+
+
 def test_stat_logger_reads_vllm_scheduler_stats():
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
