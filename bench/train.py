@@ -4,11 +4,12 @@ Same model, global batch, sequence length and steps on both sides; the bare loop
 (2 torch threads), llmray uses 2 workers x 1 thread. ZeRO's collectives go through shared memory
 (the default on one host); `zero1_gloo` runs ZeRO-1 over gloo instead, to show what that saves.
 This machine's speed drifts by up to 2x within minutes, so besides the bare loop run before Ray
-starts ("vs bare"), a shorter bare loop runs right after each llmray variant ("vs beside": the
-same conditions, seconds apart, with Ray idle in the background). Prints steady-state tokens/s (median over the
+starts ("vs bare"), a shorter bare loop runs between llmray variants, and each variant is compared
+with the mean step time of the bare runs right before and right after it ("vs beside": the same
+conditions, seconds apart, with Ray idle in the background; a steady drift weighs on both sides alike). Prints steady-state tokens/s (median over the
 steps after warm-up), peak RSS per process, and ratios to the bare loop; saves bench/results/train.json.
 
-    .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~17 min
+    .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~20 min
 """
 
 from __future__ import annotations
@@ -109,11 +110,18 @@ def main() -> None:
     # Every bare loop runs before Ray starts, so that Ray's idle processes do not slow the baseline.
     results: dict[int, dict[str, dict]] = {gb: {"bare": bare_loop(a, work, gb)} for gb in batches}
     init_ray(RayConfig(num_cpus=4))
+    short = {"steps": max(8, a.steps // 2), "warmup": 3}
     for gb in batches:
+        before = bare_loop(a, work, gb, **short)  # with Ray up, as every later bare run
         for name, extra in VARIANTS.items():
             print(f"llmray {name}, global batch {gb} ...", flush=True)
             results[gb][name] = llmray_run(a, work, gb, name, extra)
-            results[gb][name]["beside"] = bare_loop(a, work, gb, steps=max(8, a.steps // 2), warmup=3)
+            after = bare_loop(a, work, gb, **short)
+            # Bracketed: a drift that is steady across the variant weighs on both sides alike.
+            step = (before["step_s"] + after["step_s"]) / 2
+            results[gb][name]["beside"] = {"tokens_per_s": gb * a.seq_len / step, "step_s": step,
+                                           "before": before, "after": after}
+            before = after
 
     print()
     print(f"{'batch':>6}  {'run':<16}{'tokens/s':>10}{'vs bare':>10}{'bare beside':>13}{'vs beside':>11}"
@@ -127,7 +135,8 @@ def main() -> None:
                   f"{r['peak_rss_gb']:>18.2f}{r['final_loss']:>12.3f}{r['wall_s']:>9.1f}")
     print(f"(batch = sequences of {a.seq_len} tokens per optimizer step; steady state: median step time after "
           "warm-up; llmray wall time includes Ray Train start-up, DeepSpeed init and checkpoint/export; "
-          f"bare beside: the bare loop, {max(8, a.steps // 2)} steps, run right after that variant)")
+          f"bare beside: the bare loop, {short['steps']} steps, run right before and right after that variant, "
+          "mean step time)")
     print()
     print("where a steady step's time goes, median seconds (llmray: rank 0; backward includes ZeRO's gradient "
           "reduction, optimizer its parameter all-gather; other = step minus the phases' medians)")
