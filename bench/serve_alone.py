@@ -13,6 +13,7 @@ Same models, prompts, output length and engine settings as bench/serve.py (its c
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -92,7 +93,12 @@ def main() -> int:
     print(f"{'ours / vllm_serve, each alone':<36}"
           + "".join(f"{pooled['ours'][c]['out_tok_s'] / pooled['vllm_serve'][c]['out_tok_s']:>8.2f}" for c in S.CONCURRENCY)
           + "   >= 0.9")
-    S.log(f"done in {time.monotonic() - t0:.0f}s")
+    S.OUT.mkdir(parents=True, exist_ok=True)
+    (S.OUT / "serve_alone.json").write_text(json.dumps(
+        {"order": ORDER, "rounds": {w: {str(c): [{k: v for k, v in r.items() if k not in ("ttft_s", "e2e_s")}
+                                                  for r in rs] for c, rs in per.items()} for w, per in runs.items()}},
+        indent=2))
+    S.log(f"done in {time.monotonic() - t0:.0f}s; JSON in {S.OUT / 'serve_alone.json'}")
     return 0
 
 
