@@ -234,6 +234,36 @@ def prompts() -> list[str]:
     return out
 
 
+def warm_up(url: str, ps: list[str], api_key: str | None = None) -> None:
+    """Two short loads at two batch sizes: on CPU each new batch shape costs a one-off kernel set-up."""
+    from llmray.serving.loadgen import run_load
+
+    for c, n in ((1, 4), (8, 16)):
+        run_load(url, "bench", ps, c, n, MAX_TOKENS, api_key)
+
+
+def rates(runs: list[dict]) -> str:
+    """Each run's output tok/s, in run order."""
+    return " ".join(f"{r['out_tok_s']:.0f}" for r in runs)
+
+
+def our_config(name: str, model: Path, engine: dict, ingress: str = "auto"):
+    """The ServeConfig every benchmark serves ours with."""
+    from llmray.config import build
+    from llmray.serving.stage import ServeConfig
+
+    return build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0, "ingress": ingress,
+                               "app_name": f"bench-{name.replace('/', '-')}", "engine": engine,
+                               "limits": {"max_queue": 128}, "deployment": {"max_queued_requests": 256}})
+
+
+def set_engine_env() -> None:
+    from llmray.serving.engine import ENGINE_ENV
+
+    for k, v in ENGINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None) -> dict[int, dict]:
     """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it in the order
     ours, vLLM, vLLM, ours (ROUNDS=2; ABBA...), pooled per side: this machine's speed drifts by 2x over
@@ -241,10 +271,9 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
     The baseline's pooled figures are stored under "beside"."""
     from llmray.serving.loadgen import merge, run_load
 
-    for u in (url, beside):
-        if u:  # warm-up at two batch sizes: on CPU each new batch shape costs a one-off kernel set-up
-            for c, n in ((1, 4), (8, 16)):
-                run_load(u, "bench", ps, c, n, MAX_TOKENS, api_key if u == url else None)
+    warm_up(url, ps, api_key)
+    if beside:
+        warm_up(beside, ps)
     res = {}
     for c in CONCURRENCY:
         ours, base = [], []
@@ -257,7 +286,6 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
         msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
         if beside:
             res[c]["beside"] = merge(base)
-            rates = lambda runs: " ".join(f"{x['out_tok_s']:.0f}" for x in runs)  # noqa: E731
             msg += (f"; vllm_serve beside it {res[c]['beside']['out_tok_s']:.0f} tok/s"
                     f" (rounds: ours {rates(ours)}, vllm_serve {rates(base)})")
         log(msg)
@@ -265,13 +293,10 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
 
 
 def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "auto") -> dict[int, dict]:
-    from llmray.config import build
-    from llmray.serving.stage import ServeConfig, start
+    from llmray.serving.stage import start
 
     log(f"starting ours: {name}")
-    cfg = build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0, "ingress": ingress,
-                              "app_name": f"bench-{name.replace('/', '-')}", "engine": engine,
-                              "limits": {"max_queue": 128}, "deployment": {"max_queued_requests": 256}})
+    cfg = our_config(name, model, engine, ingress)
     t = time.monotonic()
     handle = start(cfg)
     log(f"  ready in {time.monotonic() - t:.0f}s at {handle.url} (ingress: {ingress})")
@@ -393,9 +418,7 @@ def stop_ray() -> None:
 
 
 def main() -> int:
-    for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-                 "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(k, v)
+    set_engine_env()
     t0 = time.monotonic()
     m = prepare()
     ps = prompts()

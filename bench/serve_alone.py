@@ -30,22 +30,17 @@ ROUNDS_PER_TURN = 2
 def measure(url: str, ps: list[str], api_key: str | None = None) -> dict[int, list[dict]]:
     from llmray.serving.loadgen import run_load
 
-    for c, n in ((1, 4), (8, 16)):  # warm-up: each new batch shape costs a one-off kernel set-up on CPU
-        run_load(url, "bench", ps, c, n, S.MAX_TOKENS, api_key)
+    S.warm_up(url, ps, api_key)
     return {c: [run_load(url, "bench", ps, c, S.REQUESTS[c], S.MAX_TOKENS, api_key) for _ in range(ROUNDS_PER_TURN)]
             for c in S.CONCURRENCY}
 
 
 def turn_ours(model: Path, ps: list[str], i: int) -> dict[int, list[dict]]:
-    from llmray.config import build
-    from llmray.serving.stage import ServeConfig, direct_ingress_env, free_port, start
+    from llmray.serving.stage import direct_ingress_env, free_port, start
 
     S.start_ray(direct_ingress_env(free_port()))
     try:
-        cfg = build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0, "ingress": "auto",
-                                  "app_name": f"bench-alone-{i}", "engine": S.ENGINE, "limits": {"max_queue": 128},
-                                  "deployment": {"max_queued_requests": 256}})
-        handle = start(cfg)
+        handle = start(S.our_config(f"alone-{i}", model, S.ENGINE))
         try:
             return measure(handle.url, ps, handle.api_key)
         finally:
@@ -59,9 +54,7 @@ def turn_ours(model: Path, ps: list[str], i: int) -> dict[int, list[dict]]:
 def main() -> int:
     from llmray.serving.loadgen import merge
 
-    for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-                 "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(k, v)
+    S.set_engine_env()
     t0 = time.monotonic()
     m = S.prepare()
     ps = S.prompts()
@@ -76,7 +69,7 @@ def main() -> int:
                 got = measure(url, ps)
         for c, rs in got.items():
             runs[who][c] += rs
-            S.log(f"  c={c}: " + " ".join(f"{r['out_tok_s']:.0f}" for r in rs) + " tok/s")
+            S.log(f"  c={c}: {S.rates(rs)} tok/s")
     print()
     print(f"{'server':<12}{'conc':>5}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'e2e p50':>10}{'e2e p99':>10}{'errors':>8}   rounds (tok/s, in run order)")
@@ -85,7 +78,7 @@ def main() -> int:
         for c, r in per.items():
             print(f"{who:<12}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
                   f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}   "
-                  + " ".join(f"{x['out_tok_s']:.0f}" for x in runs[who][c]))
+                  + S.rates(runs[who][c]))
     print(f"({len(ORDER)} turns, {' / '.join(ORDER)}, each server alone; {ROUNDS_PER_TURN} rounds per level per turn, "
           "pooled per server and level)")
     print()
@@ -95,9 +88,7 @@ def main() -> int:
           + "   >= 0.9")
     S.OUT.mkdir(parents=True, exist_ok=True)
     (S.OUT / "serve_alone.json").write_text(json.dumps(
-        {"order": ORDER, "rounds": {w: {str(c): [{k: v for k, v in r.items() if k not in ("ttft_s", "e2e_s")}
-                                                  for r in rs] for c, rs in per.items()} for w, per in runs.items()}},
-        indent=2))
+        {"order": ORDER, "rounds": {w: {str(c): rs for c, rs in per.items()} for w, per in runs.items()}}, indent=2))
     S.log(f"done in {time.monotonic() - t0:.0f}s; JSON in {S.OUT / 'serve_alone.json'}")
     return 0
 

@@ -21,6 +21,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from llmray.train import shm_comm  # stdlib imports only; torch/deepspeed inside its functions
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig, ds_config, lr_factor
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
         if shm_collectives and backend == "gloo":  # the host check below needs a process group
             dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     import deepspeed
-
-    from llmray.train import shm_comm
 
     t0 = time.monotonic()
     shm = shm_collectives and backend == "gloo" and dist.is_initialized() and shm_comm.prepare()
@@ -123,8 +122,6 @@ def build_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
-    from llmray.train import shm_comm
-
     config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active())
     t0 = time.monotonic()
     if opt is None:
