@@ -60,6 +60,34 @@ async def _pump(stream, first_item, queue: asyncio.Queue) -> None:
         queue.put_nowait(e)
 
 
+def _is_last(item) -> bool:
+    return item is None or isinstance(item, BaseException)
+
+
+async def _batches(queue: asyncio.Queue, flush_s: float):
+    """What `_pump` queued, in batches: the first item at once, then at most one batch per `flush_s`
+    (what arrives meanwhile joins it). A batch that reaches the end (None or an exception) leaves at
+    once: nothing follows it, so holding it would only delay the response's end."""
+    last_sent = None
+    while True:
+        items = [await queue.get()]
+        while last_sent is not None and not _is_last(items[-1]):
+            wait = last_sent + flush_s - time.monotonic()
+            if wait <= 0:
+                break
+            try:
+                async with asyncio.timeout(wait):
+                    items.append(await queue.get())
+            except TimeoutError:
+                break
+        while not _is_last(items[-1]) and not queue.empty():
+            items.append(queue.get_nowait())
+        last_sent = time.monotonic()
+        yield items
+        if _is_last(items[-1]):
+            return
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class LLMServer:
@@ -264,13 +292,13 @@ class LLMServer:
 
     async def _sse(self, route, plan, acc, stream, first_item, start, deadline, want_lp, req):
         """SSE events of one streamed request. A pump task reads the engine stream into a queue;
-        this generator sends everything that is ready as one chunk, at most every
-        `stream_flush_ms` (the first chunk at once), so a token costs no Ray hop of its own."""
+        this generator sends what is ready as one chunk, at most every `stream_flush_ms` (the first
+        chunk and the last at once, see `_batches`), so a token costs no Ray hop of its own."""
         first_at = None
         ok = False
         queue: asyncio.Queue = asyncio.Queue()
         pump = asyncio.create_task(_pump(stream, first_item, queue))
-        flush_s = self.cfg.stream_flush_ms / 1000.0
+        batches = _batches(queue, self.cfg.stream_flush_ms / 1000.0)
         try:
             head = b""
             if plan.chat:
@@ -279,22 +307,17 @@ class LLMServer:
                                          "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]})
                                  for k in range(len(acc.choices)))
-            last_flush = None
             done = False
             while not done:
                 try:
                     async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                        items = [await queue.get()]
-                        if last_flush is not None and flush_s > 0:
-                            await asyncio.sleep(max(0.0, last_flush + flush_s - time.monotonic()))
+                        items = await anext(batches)
                 except TimeoutError:
                     self._count(route, 504, "timeout")
                     yield head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
                                                   type="timeout_error", code="request_timeout").body()) + gen.sse("[DONE]")
                     ok = True
                     return
-                while not queue.empty():
-                    items.append(queue.get_nowait())
                 parts = [head]
                 head = b""
                 for item in items:
@@ -319,7 +342,6 @@ class LLMServer:
                     parts.append(gen.sse("[DONE]"))
                 chunk = b"".join(parts)
                 if chunk:
-                    last_flush = time.monotonic()
                     yield chunk
             ok = True
             self._count(route, 200)
@@ -340,6 +362,7 @@ class LLMServer:
                 self.metrics.errors.labels(self.name, route, "client_disconnected").inc()
             # A client that went away cancels this generator: stopping the pump and closing the
             # engine stream aborts the vLLM request, which frees its slot and KV cache.
+            await batches.aclose()
             pump.cancel()
             try:
                 await pump

@@ -194,6 +194,45 @@ def test_loadgen_merge_pools_rounds():
     assert m["ttft_p50_ms"] == pytest.approx(400.0) and m["e2e_p99_ms"] == pytest.approx(2000.0)
 
 
+def test_stream_batches_hold_tokens_but_never_the_end():
+    """Streamed outputs leave in batches at most every flush window, the first at once; the batch
+    that reaches the end leaves as soon as the end arrives, not at the next window."""
+    import asyncio
+    import time
+
+    from llmray.serving.app import _batches
+
+    async def run(flush_s: float, feed: list[tuple[float, object]]) -> list[tuple[float, list]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def producer():
+            for at, item in feed:
+                await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+                queue.put_nowait(item)
+
+        t0 = time.monotonic()
+        task = asyncio.create_task(producer())
+        out = [(time.monotonic() - t0, items) async for items in _batches(queue, flush_s)]
+        await task
+        return out
+
+    # tokens every 20 ms, the end 10 ms after the last; a 1 s window
+    feed = [(0.02 * k, (0, k)) for k in range(5)] + [(0.09, None)]
+    out = asyncio.run(run(1.0, feed))
+    assert [items for _, items in out] == [[(0, 0)], [(0, 1), (0, 2), (0, 3), (0, 4), None]]
+    assert out[1][0] < 0.5, f"the end was held until {out[1][0]:.3f} s"
+    # an exception ends the stream the same way
+    err = RuntimeError("engine died")
+    out = asyncio.run(run(1.0, [(0.0, (0, 0)), (0.02, (0, 1)), (0.04, err)]))
+    assert out[-1][1][-1] is err and out[-1][0] < 0.5
+    # window 0: whatever is ready, at once
+    out = asyncio.run(run(0.0, [(0.0, (0, 0)), (0.05, (0, 1)), (0.1, None)]))
+    assert [items for _, items in out] == [[(0, 0)], [(0, 1)], [None]]
+    # a short window: tokens held no longer than it
+    out = asyncio.run(run(0.05, [(0.01 * k, (0, k)) for k in range(20)] + [(0.2, None)]))
+    assert sum(len(items) for _, items in out) == 21 and 3 <= len(out) <= 8
+
+
 def test_stat_logger_reads_vllm_scheduler_stats():
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
