@@ -7,7 +7,8 @@ and behind Serve's HTTP proxy (`/proxy` rows: what an autoscaled deployment goes
 vLLM's server stays up for the whole run, and every level of every variant is measured interleaved
 with the same level on it ("vllm_serve beside": ours, vLLM, vLLM, ours, each side pooled): this
 machine's speed drifts by up to 2x over minutes, so each ratio compares runs seconds apart, in an
-order where a steady drift weighs on both sides alike.
+order where a steady drift weighs on both sides alike, and after SETTLE_S idle seconds (vLLM's model
+worker busy-polls for 1 s after a load, which would otherwise slow the round after it).
 
 Models: a target and a smaller draft (same tokenizer) trained here by a short plain-torch LM loop
 (fast and independent of the training stage's Ray/DeepSpeed start-up); the target is then
@@ -16,7 +17,7 @@ context, and short LM training on text never teaches that: the target first lear
 (random token segments repeated: only copying predicts them), then trains on documents that repeat
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
 
-    .venv/bin/python bench/serve.py            # ~16 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py            # ~20 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
     .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
 """
 
@@ -36,6 +37,9 @@ WORK = ROOT / ".cache" / "bench_serve_v3"  # v3: the target is trained to copy (
 CONCURRENCY = (1, 8, 32)
 REQUESTS = {1: 32, 8: 64, 32: 160}  # per round; several waves per level: short runs were noisy (c=1: 16 swung 1.1-1.5x)
 ROUNDS = 2  # per level and side, interleaved ours, vLLM, vLLM, ours
+# Idle seconds before each round: after a load, vLLM's model worker keeps busy-polling its shared-memory
+# queue for 1 s (96 % of a core, measured), which would slow whichever server runs next.
+SETTLE_S = 2.0
 MAX_TOKENS = 32
 MAX_MODEL_LEN = 512
 TRAIN_STEPS = 300  # the draft's LM steps
@@ -267,7 +271,8 @@ def set_engine_env() -> None:
 def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None) -> dict[int, dict]:
     """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it in the order
     ours, vLLM, vLLM, ours (ROUNDS=2; ABBA...), pooled per side: this machine's speed drifts by 2x over
-    minutes, and a drift that is steady over a level's rounds then weighs on both sides alike.
+    minutes, and a drift that is steady over a level's rounds then weighs on both sides alike. Each
+    round starts after SETTLE_S idle seconds, so neither server's after-load activity lands in the other's.
     The baseline's pooled figures are stored under "beside"."""
     from llmray.serving.loadgen import merge, run_load
 
@@ -281,6 +286,7 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
             order = [(url, ours), (beside, base)] if r % 2 == 0 else [(beside, base), (url, ours)]
             for u, runs in order:
                 if u:
+                    time.sleep(SETTLE_S)
                     runs.append(run_load(u, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key if u == url else None))
         res[c] = merge(ours)
         msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
@@ -373,7 +379,7 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
                          f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}"
                          f"{r['beside']['out_tok_s']:>15.0f} tok/s{vs_beside(results, name, c):>6.2f}")
     lines.append(f"(vllm_serve beside: vLLM's default server under the same load, interleaved with each level in "
-                 f"{ROUNDS} rounds (ours, vLLM, vLLM, ours), each side pooled; ratio = out tok/s over it)")
+                 f"{ROUNDS} rounds (ours, vLLM, vLLM, ours; {SETTLE_S:.0f} s idle before each), each side pooled; ratio = out tok/s over it)")
     lines.append("")
     lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
     for a, target in [("ours", ">= 0.9"), ("ours/proxy", ">= 0.9"), ("ours/separate", ""),
