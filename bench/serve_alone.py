@@ -4,11 +4,13 @@ bench/serve.py keeps vLLM's server up beside ours and interleaves their turns. O
 server then taxes the busy one, unequally: at c=1 vLLM's default layout uses both cores (its model
 worker pinned to core 0, its engine core busy-polling on the other), and a probe measured our idle
 stack costing it about 30 % and vLLM's idle server costing ours about 10 %. Here each server runs
-alone, started and stopped in turn in the order ours, vLLM, vLLM, ours (a steady drift weighs on both
-alike). Each turn runs every concurrency level twice; each side's rounds are pooled per level.
+alone, started and stopped in turn in the order ours, vLLM, vLLM, ours, vLLM, ours, ours, vLLM (ABBA
+then BAAB: a drift that is steady, or bends once, over the run weighs on both alike; a turn takes about
+80 s, and with four turns one slow minute at the end decided the ratio). Each turn runs every
+concurrency level twice; each side's rounds are pooled per level.
 Same models, prompts, output length and engine settings as bench/serve.py (its cached models).
 
-    .venv/bin/python bench/serve_alone.py      # ~7 min on 2 cores once bench/serve.py has trained the models
+    .venv/bin/python bench/serve_alone.py      # ~12 min on 2 cores once bench/serve.py has trained the models
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve as S  # noqa: E402 - bench/serve.py: models, prompts, vLLM's server, Ray start/stop
 
-ORDER = ("ours", "vllm_serve", "vllm_serve", "ours")
+ORDER = ("ours", "vllm_serve", "vllm_serve", "ours", "vllm_serve", "ours", "ours", "vllm_serve")
 ROUNDS_PER_TURN = 2
 
 
@@ -79,7 +81,8 @@ def main() -> int:
             print(f"{who:<12}{c:>5}{r['req_s']:>8.2f}{r['out_tok_s']:>11.0f}{r['ttft_p50_ms']:>8.0f}ms"
                   f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}   "
                   + S.rates(runs[who][c]))
-    print(f"({len(ORDER)} turns, {' / '.join(ORDER)}, each server alone; {ROUNDS_PER_TURN} rounds per level per turn, "
+    order = " / ".join(o.replace("vllm_serve", "vllm") for o in ORDER)
+    print(f"({len(ORDER)} turns, {order}, each server alone; {ROUNDS_PER_TURN} rounds per level per turn, "
           "pooled per server and level)")
     print()
     print(f"{'ratio (output tok/s)':<36}" + "".join(f"{'c=' + str(c):>8}" for c in S.CONCURRENCY) + "   target")
