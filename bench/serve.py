@@ -286,7 +286,8 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
             order = [(url, ours), (beside, base)] if r % 2 == 0 else [(beside, base), (url, ours)]
             for u, runs in order:
                 if u:
-                    time.sleep(SETTLE_S)
+                    if beside:  # alone, there is no other server to wait for
+                        time.sleep(SETTLE_S)
                     runs.append(run_load(u, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key if u == url else None))
         res[c] = merge(ours)
         msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
