@@ -8,6 +8,7 @@ from typing import Literal
 from llmray.cluster import RayConfig
 from llmray.config import check
 from llmray.rl.algorithms import AlgoConfig
+from llmray.train.checkpoint import CheckpointConfig
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
 
 
@@ -101,19 +102,6 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
-    every_n_steps: int = 10
-    """RL steps between checkpoints of the whole state (actor, critic, optimizers, KL coef, data position)."""
-    keep_last: int = 2
-    resume: bool = True
-    """Resume from the newest complete checkpoint under `output`/checkpoints when one exists."""
-
-    def __post_init__(self) -> None:
-        check(self.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1")
-        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-
-
-@dataclass(frozen=True)
 class FaultConfig:
     max_trainer_restarts: int = 2
     """Times a dead actor/critic is replaced and the run resumed from the last complete checkpoint."""
@@ -193,7 +181,9 @@ class RLConfig:
     ref: RefConfig = field(default_factory=RefConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_n_steps=10))
+    """RL steps between checkpoints of the whole state (actor, critic, optimizers, KL coef, data
+    position); `resume` as in every training stage (auto | never | a checkpoint path)."""
     fault: FaultConfig = field(default_factory=FaultConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)

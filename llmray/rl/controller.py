@@ -274,7 +274,7 @@ class RLRun:
         meta = read_meta(path)
         if meta.get("algorithm") != self.cfg.algo.algorithm:
             raise UserError(f"checkpoint {path} is from a {meta.get('algorithm')} run but algo.algorithm is "
-                            f"{self.cfg.algo.algorithm}; use another output dir or checkpoint.resume=false")
+                            f"{self.cfg.algo.algorithm}; use another run_dir or checkpoint.resume=never")
         self.groups["actor"].load_checkpoint(str(path / "actor"))
         if "critic" in self.groups:
             self.groups["critic"].load_checkpoint(str(path / "critic"))
@@ -462,7 +462,7 @@ def run(cfg: RLConfig, on_step: Callable[[RLRun, int, dict], None] | None = None
     from llmray.rl import data
     from llmray.rl.ppo.kl import make_kl_controller
     from llmray.rl.worker_group import WorkerDiedError
-    from llmray.train.checkpoint import find_latest
+    from llmray.train.checkpoint import find_latest, resume_point
 
     if cfg.save_model and artifacts.is_complete(cfg.output, "model") and not cfg.force:
         log.info("%s is a complete model artifact; skipping (force=true to rerun)", cfg.output)
@@ -494,7 +494,7 @@ def run(cfg: RLConfig, on_step: Callable[[RLRun, int, dict], None] | None = None
     try:
         rl.start()
         rl.write_pids()
-        latest = find_latest(rl.ckpt_root) if cfg.checkpoint.resume else None
+        latest = resume_point(cfg.checkpoint.resume, rl.ckpt_root)
         if cfg.prompt_filter.enabled:
             keep = rl.filter_prompts(prompt_ids, records, tokenizer, latest)
             records, prompt_ids = [records[i] for i in keep], [prompt_ids[i] for i in keep]

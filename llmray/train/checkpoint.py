@@ -28,15 +28,50 @@ import random
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmray.config import check
 from llmray.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint` section of every training stage and of RL: one meaning everywhere."""
+
+    every_n_steps: int = 50
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; an older one is deleted only after a newer one is complete."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint of the run if any; never = start fresh; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        check(self.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1")
+        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        check(isinstance(self.resume, str) and self.resume != "", "checkpoint.resume",
+              f"must be auto, never or a checkpoint path, got {self.resume!r}")
+
+
+def resume_point(resume: str, root: str | Path) -> Path | None:
+    """The checkpoint a run starts from: `checkpoint.resume` resolved against the run's checkpoint root.
+    An explicit path must exist and be complete (UserError naming the key otherwise)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_latest(root)
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"checkpoint.resume: {path} does not exist")
+    if not is_complete(path):
+        raise UserError(f"checkpoint.resume: {path} is incomplete (no {MARKER}; cut off mid-save)")
+    return path
 
 
 def step_dir(root: str | Path, step: int) -> Path:

@@ -133,7 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = spec.task.build_model()
     engine = build_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps)
     root = run_dir / "checkpoints"
-    start = None if spec.resume == "never" else (Path(spec.resume) if spec.resume != "auto" else ckpt.find_latest(root))
+    start = ckpt.resume_point(spec.resume, root)
     step, consumed = 0, 0
     if start is not None:
         meta, rank_state = ckpt.load(engine, start, spec.expect_meta)

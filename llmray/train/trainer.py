@@ -22,6 +22,7 @@ from llmray.cluster import RayConfig
 from llmray.config import check
 from llmray.errors import UserError
 from llmray.train import checkpoint as ckpt
+from llmray.train.checkpoint import CheckpointConfig
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
 
 if TYPE_CHECKING:
@@ -46,20 +47,6 @@ class ScalingConfig:
         check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
         check(self.threads_per_worker >= 1, "scaling.threads_per_worker", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_n_steps: int = 50
-    """Optimizer steps between checkpoints (one is always written at the end)."""
-    keep_last: int = 2
-    """Complete checkpoints kept; an older one is deleted only after a newer one is complete."""
-    resume: str = "auto"
-    """auto = newest complete checkpoint in run_dir if any; never = start fresh; or a checkpoint path."""
-
-    def __post_init__(self) -> None:
-        check(self.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1")
-        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -120,17 +107,7 @@ def check_memory(cfg: TrainRunConfig, shape, seq_len: int, trainable: int | None
 
 def check_resume(cfg: TrainRunConfig, expect: dict[str, Any]) -> Path | None:
     """Which checkpoint the run will start from; a mismatched model shape fails here, before launch."""
-    res = cfg.checkpoint.resume
-    if res == "never":
-        return None
-    if res == "auto":
-        path = ckpt.find_latest(Path(cfg.run_dir) / "checkpoints")
-    else:
-        path = Path(res)
-        if not path.exists():
-            raise UserError(f"checkpoint.resume: {path} does not exist")
-        if not ckpt.is_complete(path):
-            raise UserError(f"checkpoint.resume: {path} is incomplete (no {ckpt.MARKER}; cut off mid-save)")
+    path = ckpt.resume_point(cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints")
     if path is None:
         return None
     meta = ckpt.read_meta(path)
