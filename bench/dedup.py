@@ -36,7 +36,7 @@ def run_ours(corpus: Path, work: Path) -> dict:
     from llmray.cluster import RayConfig, init_ray
     from llmray.config import build
     from llmray.data.config import CleanDedupConfig
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     for attempt in range(5):  # an overloaded machine can miss Ray's fixed 30 s raylet start window
         try:
@@ -186,11 +186,12 @@ def quality(removed: list[str], labels: dict) -> dict:
 
 def ensure_corpus(n: int, workdir: Path) -> Path:
     from llmray.data import synthetic
+    from llmray.stages import corpus as corpus_stage
 
     out = workdir / f"corpus-{n}"
     if not (out / "manifest.json").is_file():
         print(f"generating {n} documents into {out} ...", flush=True)
-        synthetic.run(synthetic.CorpusConfig(output=str(out), num_documents=n, docs_per_shard=5000, junk_rate=0.0,
+        corpus_stage.run(synthetic.CorpusConfig(output=str(out), num_documents=n, docs_per_shard=5000, junk_rate=0.0,
                                              exact_dup_rate=0.05, near_dup_rate=0.05, num_sft=1, num_preference=1,
                                              num_prompts=1, num_eval=1))
     return out

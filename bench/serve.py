@@ -217,7 +217,7 @@ def prepare() -> dict[str, Path]:
                                                         "num_heads": 4, "num_kv_heads": 2}, seed=0)
     draft = train_lm(WORK / "draft", tok_dir, {"preset": "tiny", "hidden_size": 64, "num_layers": 1,
                                               "num_heads": 2, "num_kv_heads": 1}, steps=TRAIN_STEPS, seed=1)
-    from llmray.serving.quantize import QuantizeConfig, run as quantize
+    from llmray.stages.quantize import QuantizeConfig, run as quantize
 
     q = quantize(QuantizeConfig(model=str(target), output=str(WORK / "target-w8a8"), eval_docs=32, eval_tasks=0))
     log(f"quantized: ppl {q['ppl_original']} -> {q['ppl_quantized']} ({100 * q['ppl_increase']:+.2f}%), "
@@ -254,7 +254,7 @@ def rates(runs: list[dict]) -> str:
 def our_config(name: str, model: Path, engine: dict, ingress: str = "auto"):
     """The ServeConfig every benchmark serves ours with."""
     from llmray.config import build
-    from llmray.serving.stage import ServeConfig
+    from llmray.serving.config import ServeConfig
 
     return build(ServeConfig, {"model": str(model), "served_model_name": "bench", "port": 0, "ingress": ingress,
                                "app_name": f"bench-{name.replace('/', '-')}", "engine": engine,
@@ -262,7 +262,7 @@ def our_config(name: str, model: Path, engine: dict, ingress: str = "auto"):
 
 
 def set_engine_env() -> None:
-    from llmray.serving.engine import ENGINE_ENV
+    from llmray.vllm_engine import ENGINE_ENV
 
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
@@ -300,7 +300,7 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
 
 
 def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "auto") -> dict[int, dict]:
-    from llmray.serving.stage import start
+    from llmray.serving.server import start
 
     log(f"starting ours: {name}")
     cfg = our_config(name, model, engine, ingress)
@@ -323,7 +323,7 @@ class VllmServer:
         import httpx
 
         from llmray.hardware import engine_dtype
-        from llmray.serving.stage import free_port
+        from llmray.cluster import free_port
 
         port = free_port()
         # vLLM's defaults unless `extra_env` says otherwise (never this process's engine settings).
@@ -442,7 +442,8 @@ def main() -> int:
     ngram = {**ENGINE, "speculative": {"method": "ngram", "num_speculative_tokens": 8}}
     # Ours as `llmray serve` runs one replica (`ingress: auto` -> direct: the cluster starts with direct
     # ingress on, the replica takes HTTP itself), then behind Serve's proxy (`ingress: proxy`).
-    from llmray.serving.stage import direct_ingress_env, free_port
+    from llmray.cluster import free_port
+    from llmray.serving.server import direct_ingress_env
 
     clusters = {
         "direct": {"ours": (m["target"], ENGINE),

@@ -38,7 +38,8 @@ def measure(url: str, ps: list[str], api_key: str | None = None) -> dict[int, li
 
 
 def turn_ours(model: Path, ps: list[str], i: int) -> dict[int, list[dict]]:
-    from llmray.serving.stage import direct_ingress_env, free_port, start
+    from llmray.cluster import free_port
+    from llmray.serving.server import direct_ingress_env, start
 
     S.start_ray(direct_ingress_env(free_port()))
     try:

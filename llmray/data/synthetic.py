@@ -304,18 +304,3 @@ def read_labels(corpus_dir: str | Path) -> dict[str, dict]:
             label = json.loads(line)
             out[label["id"]] = label
     return out
-
-
-def run(cfg: CorpusConfig) -> dict:
-    """Stage `corpus`: publish a corpus artifact (skipped when a complete one exists)."""
-    from llmray import artifacts
-    from llmray.config import to_dict
-
-    if artifacts.is_complete(cfg.output, "corpus") and not cfg.force:
-        log.info("corpus %s is complete; skipping (force=true to regenerate)", cfg.output)
-        return {"skipped": True, "output": cfg.output}
-    with artifacts.publish(cfg.output) as tmp:
-        counts = write_corpus(cfg, tmp)
-        artifacts.write_manifest(tmp, "corpus", "llmray.data.synthetic", to_dict(cfg), counts)
-    log.info("corpus: %s", counts)
-    return {"output": cfg.output, **counts}

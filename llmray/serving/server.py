@@ -1,37 +1,34 @@
-"""The `serve` stage: deploy a model on Ray Serve behind an OpenAI-compatible API.
+"""Start a model on Ray Serve behind an OpenAI-compatible API, on an already initialised Ray:
 
-Python API (what the pipeline calls, on an already initialised Ray):
-
-    from llmray.serving.stage import ServeConfig, start
+    from llmray.serving.server import start
     handle = start(ServeConfig(model="artifacts/model", port=0))
     handle.url        # "http://127.0.0.1:PORT/v1" -- point the openai client here
     handle.api_key    # the bearer key, or None when auth is off
     handle.shutdown() # graceful: in-flight requests finish (up to deployment.graceful_shutdown_timeout_s)
 
-`run(cfg)` (behind `llmray serve --model DIR` and `jobs/serve.py`) starts Ray when needed, runs the
-release gate when `gate.enabled`, starts the server, prints the URL and blocks until Ctrl-C
-(`block: false` returns at once, leaving the server up).
+The `serve` stage (`llmray.stages.serve`) wraps this with the release gate and a blocking wait.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 
+from llmray.cluster import free_port
 from llmray.config import replace
 from llmray.errors import UserError
 from llmray.serving.config import (AutoscalingConfig, DeploymentConfig, GateConfig, LimitsConfig,
                                    ServeConfig)
-from llmray.serving.engine import EngineConfig, check_model_dir
+from llmray.models.model_dir import check_model_dir
+from llmray.vllm_engine import EngineConfig
 from llmray.serving.speculative import SpeculativeConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AutoscalingConfig", "DeploymentConfig", "EngineConfig", "GateConfig", "LimitsConfig",
-           "ServeConfig", "ServerHandle", "SpeculativeConfig", "run", "start"]
+           "ServeConfig", "ServerHandle", "SpeculativeConfig", "start"]
 
 
 @dataclass
@@ -66,12 +63,6 @@ class ServerHandle:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -181,47 +172,3 @@ def start(cfg: ServeConfig) -> ServerHandle:
         time.sleep(0.5)
     return ServerHandle(url=base + "/v1", api_key=resolve_api_key(cfg.api_key, cfg.api_key_env),
                         app_name=cfg.app_name, model_name=cfg.name(), port=port)
-
-
-def run(cfg: ServeConfig) -> dict:
-    """`llmray serve`: (gate) -> start -> print the URL -> block until Ctrl-C -> graceful shutdown."""
-    from llmray.cluster import init_ray
-
-    import ray
-
-    check_model_dir(cfg.model)
-    starts_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    cfg = resolve_ingress(cfg, starts_cluster)
-    if cfg.ingress == "direct":  # the flag must be in the cluster's environment before it starts
-        cfg = replace(cfg, port=cfg.port or free_port(cfg.host))
-        if starts_cluster:
-            cfg = replace(cfg, ray=replace(cfg.ray, env={**direct_ingress_env(cfg.port), **cfg.ray.env}))
-    init_ray(cfg.ray)
-    decision = None
-    if cfg.gate.enabled:
-        from llmray.serving.gates import apply_gate
-
-        cfg, decision = apply_gate(cfg)
-    handle = start(cfg)
-    print(f"llmray serve: {handle.model_name} at {handle.url}"
-          + (" (API key required)" if handle.api_key else ""), flush=True)
-    result = {"url": handle.url, "model": handle.model_name, "speculative": cfg.engine.speculative.method,
-              "served_model_dir": cfg.model}
-    if decision is not None:
-        result["gate"] = decision
-    if not cfg.block:
-        return result
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("llmray serve: shutting down (draining in-flight requests)", flush=True)
-    finally:
-        handle.shutdown()
-    return result
-
-
-def with_model(cfg: ServeConfig, model: str) -> ServeConfig:
-    if not model:
-        raise UserError("model: required")
-    return replace(cfg, model=model)

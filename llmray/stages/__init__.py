@@ -1,8 +1,8 @@
-"""The lifecycle stages: CLI name, job script, config class and run function of each.
+"""The one stage registry (CLI and pipeline): one recipe module per stage in this package.
 
-A stage's `run(cfg) -> dict` is the one code path behind both `llmray <stage>` and
-`python jobs/<stage>.py` (what `ray job submit` runs). Config classes and run functions are named
-by import path so that `llmray ls` stays fast and a stage's heavy imports load only when it runs.
+A recipe `llmray/stages/<name>.py` holds `Config` (its frozen config dataclass) and `run(cfg) -> dict`,
+the one code path behind both `llmray <stage>` and `python jobs/<stage>.py` (what `ray job submit`
+runs). Recipes are imported only when used, so `llmray ls` stays fast.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from llmray.errors import UserError
 @dataclass(frozen=True)
 class Stage:
     name: str
-    """CLI name, e.g. `clean-dedup`."""
+    """CLI name, e.g. `clean-dedup`; its recipe is `llmray/stages/clean_dedup.py`."""
     summary: str
-    config: str
-    """`module:Class` of the stage's frozen config dataclass."""
-    run: str
-    """`module:function` taking the config and returning a dict of key results."""
+    section: str | None = None
+    """The pipeline config section that configures it; None: not a step of the pipeline."""
+    artifact: str = ""
+    """The pipeline's directory for its output, under the run's workdir."""
+    kind: str = ""
+    """Artifact kind it publishes (`artifacts.require` checks it); empty: none."""
+
+    @property
+    def module(self) -> str:
+        return f"llmray.stages.{self.name.replace('-', '_')}"
 
     @property
     def job(self) -> str:
@@ -33,50 +39,35 @@ class Stage:
         return f"jobs/configs/{self.name.replace('-', '_')}"
 
     def config_class(self) -> type:
-        return _resolve(self.config)
+        """The recipe module's `Config`: its frozen config dataclass."""
+        return importlib.import_module(self.module).Config
 
     def run_fn(self):
-        return _resolve(self.run)
+        """The recipe's `run(cfg) -> dict`."""
+        return importlib.import_module(self.module).run
 
 
-def _resolve(ref: str):
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
+# In lifecycle order: the pipeline runs the stages with a section, in this order.
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("corpus", "generate the synthetic corpus with ground-truth labels",
-              "llmray.data.synthetic:CorpusConfig", "llmray.data.synthetic:run"),
-        Stage("clean-dedup", "clean, filter and deduplicate documents with Ray Data",
-              "llmray.data.pipeline:CleanDedupConfig", "llmray.data.pipeline:run"),
-        Stage("tokenizer", "train a byte-level BPE tokenizer with a chat template",
-              "llmray.models.tokenizer:TokenizerConfig", "llmray.models.tokenizer:run"),
-        Stage("pack", "tokenize documents and pack them into fixed-length training shards",
-              "llmray.data.pack:PackConfig", "llmray.data.pack:run"),
-        Stage("pretrain", "pretrain a decoder on packed shards (Ray Train + DeepSpeed ZeRO)",
-              "llmray.train.pretrain:PretrainConfig", "llmray.train.pretrain:run"),
-        Stage("sft", "supervised fine-tuning on chat data, loss on assistant tokens only",
-              "llmray.train.sft:SFTConfig", "llmray.train.sft:run"),
-        Stage("reward-model", "train a reward model on preference pairs",
-              "llmray.rl.reward_model:RewardModelConfig", "llmray.rl.reward_model:run"),
-        Stage("dpo", "direct preference optimisation on preference pairs",
-              "llmray.rl.dpo:DPOConfig", "llmray.rl.dpo:run"),
-        Stage("ppo", "RL with actor/critic/ref/reward/rollout worker groups (PPO, GRPO, RLOO)",
-              "llmray.rl.controller:RLConfig", "llmray.rl.controller:run"),
-        Stage("quantize", "quantize a model for vLLM, gated on perplexity",
-              "llmray.serving.quantize:QuantizeConfig", "llmray.serving.quantize:run"),
-        Stage("serve", "serve a model over an OpenAI-compatible HTTP API on Ray Serve",
-              "llmray.serving.stage:ServeConfig", "llmray.serving.stage:run"),
-        Stage("pipeline", "the whole life: corpus to served model, with a run report",
-              "llmray.pipeline:PipelineConfig", "llmray.pipeline:run"),
+        Stage("corpus", "generate the synthetic corpus with ground-truth labels", "corpus", "corpus", "corpus"),
+        Stage("clean-dedup", "clean, filter and deduplicate documents with Ray Data", "clean_dedup", "clean", "dataset"),
+        Stage("tokenizer", "train a byte-level BPE tokenizer with a chat template", "tokenizer", "tokenizer",
+              "tokenizer"),
+        Stage("pack", "tokenize documents and pack them into fixed-length training shards", "pack", "packed",
+              "dataset"),
+        Stage("pretrain", "pretrain a decoder on packed shards (Ray Train + DeepSpeed ZeRO)", "pretrain", "pretrain",
+              "model"),
+        Stage("sft", "supervised fine-tuning on chat data, loss on assistant tokens only", "sft", "sft", "model"),
+        Stage("reward-model", "train a reward model on preference pairs", "reward_model", "reward_model", "model"),
+        Stage("dpo", "direct preference optimisation on preference pairs"),
+        Stage("ppo", "RL with actor/critic/ref/reward/rollout worker groups (PPO, GRPO, RLOO)", "rl", "rl", "model"),
+        Stage("quantize", "quantize a model for vLLM, gated on perplexity", "quantize", "quantized", "model"),
+        Stage("serve", "serve a model over an OpenAI-compatible HTTP API on Ray Serve", "serve", "serve"),
+        Stage("pipeline", "the whole life: corpus to served model, with a run report"),
     ]
 }
-
-
-def register(stage: Stage) -> None:
-    STAGES[stage.name] = stage
 
 
 def get(name: str) -> Stage:

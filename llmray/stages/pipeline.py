@@ -1,5 +1,8 @@
-"""The main job: corpus -> clean/dedup -> tokenizer -> pack -> pretrain -> SFT -> reward model -> RL
--> quantize -> serve, one artifact per stage under one work directory, then a run report.
+"""Stage `pipeline`, the main job: corpus -> clean/dedup -> tokenizer -> pack -> pretrain -> SFT -> reward
+model -> RL -> quantize -> serve, one artifact per stage under one work directory, then a run report.
+
+Local:   llmray pipeline --config jobs/configs/pipeline/default.yaml [--from sft] [--until ppo] [--keep-serving]
+Cluster: ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/pipeline/default.yaml
 
 Each stage is the same `run(cfg)` that `llmray <stage>` calls. The pipeline only wires paths: stage
 N reads stage N-1's artifact. A stage whose artifact is complete (its manifest exists) is skipped on
@@ -22,22 +25,13 @@ from llmray.cluster import RayConfig
 from llmray.config import ConfigError, check
 from llmray.errors import UserError
 from llmray.report.memory import PeakMemory
+from llmray.stages import STAGES, get
 
 log = logging.getLogger(__name__)
 
-# (stage name in llmray.stages, pipeline config section, output dir under workdir, artifact kind)
-STEPS: tuple[tuple[str, str, str, str], ...] = (
-    ("corpus", "corpus", "corpus", "corpus"),
-    ("clean-dedup", "clean_dedup", "clean", "dataset"),
-    ("tokenizer", "tokenizer", "tokenizer", "tokenizer"),
-    ("pack", "pack", "packed", "dataset"),
-    ("pretrain", "pretrain", "pretrain", "model"),
-    ("sft", "sft", "sft", "model"),
-    ("reward-model", "reward_model", "reward_model", "model"),
-    ("ppo", "rl", "rl", "model"),
-    ("quantize", "quantize", "quantized", "model"),
-    ("serve", "serve", "serve", ""),
-)
+# (stage name, pipeline config section, output dir under workdir, artifact kind), in lifecycle order.
+STEPS: tuple[tuple[str, str, str, str], ...] = tuple(
+    (s.name, s.section, s.artifact, s.kind) for s in STAGES.values() if s.section is not None)
 STEP_NAMES = tuple(s[0] for s in STEPS)
 
 
@@ -83,6 +77,9 @@ class PipelineConfig:
                   f"{self.until_stage} comes before from_stage {self.from_stage}")
         check(self.demo_requests >= 0, "demo_requests", "must be >= 0")
         check(self.sampled_k >= 0, "sampled_k", f"must be >= 0 (0 skips the sampled accuracy), got {self.sampled_k}")
+
+
+Config = PipelineConfig
 
 
 class Paths:
@@ -134,8 +131,6 @@ def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Build and validate every stage's typed config (errors name `section.key`)."""
-    from llmray import stages
-
     p = Paths(cfg.workdir)
     wired = wiring(cfg, p)
     out = {}
@@ -147,7 +142,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
             if _get(user, dotted.split(".")) is not None:
                 raise ConfigError(f"{section}.{dotted}: set by the pipeline (it wires stages together); remove it")
         data = cfglib.apply_overrides(user, [f"{k}={json.dumps(v)}" for k, v in wired[name].items()])
-        cls = stages.get(name).config_class()
+        cls = get(name).config_class()
         if "ray" in cls.__dataclass_fields__:
             data.setdefault("ray", cfglib.to_dict(cfg.ray))
         out[name] = cfglib.build(cls, data, prefix=section)
@@ -211,8 +206,6 @@ def run(cfg: PipelineConfig) -> dict:
 
 def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, results: dict,
                 timings: dict) -> None:
-    from llmray import stages
-
     total = len(names)
     for i, name in enumerate(names, 1):
         start = time.monotonic()
@@ -228,7 +221,7 @@ def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, 
             stage_cfg = configs[name]
             if cfg.force:
                 stage_cfg = _with_force(stage_cfg)
-            results[name] = dict(stages.get(name).run_fn()(stage_cfg) or {})
+            results[name] = dict(get(name).run_fn()(stage_cfg) or {})
             results[name].update(_evaluate(cfg, name, p, results[name]))
         timings[name] = round(time.monotonic() - start, 1)
         results[name]["elapsed_s"] = timings[name]
@@ -285,7 +278,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
 
     from llmray.data import tasks
     from llmray.evaluation import read_jsonl_dir
-    from llmray.serving.stage import start
+    from llmray.serving.server import start
 
     if not artifacts.is_complete(serve_cfg.model):  # the quality gate refused the quantized model
         log.warning("quantized model not published (gate); serving the RL model instead")

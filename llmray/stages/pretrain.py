@@ -1,5 +1,8 @@
 """Stage `pretrain`: a decoder trained from scratch on packed shards with Ray Train + DeepSpeed ZeRO.
 
+Local:   llmray pretrain --config jobs/configs/pretrain/tiny_cpu.yaml
+Cluster: ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain/1b_zero3.yaml
+
 Reads the `pack` stage's dataset artifact (`shards/part-*.parquet`, `input_ids` of exactly seq_len
 tokens, optional `position_ids`) and its tokenizer; checks everything before launch (dataset,
 vocabulary, context length, memory, resumable checkpoint); publishes a `model` artifact.
@@ -28,6 +31,9 @@ class PretrainConfig(TrainRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     run_dir: str = "runs/pretrain"
     output: str = "artifacts/pretrained"
+
+
+Config = PretrainConfig
 
 
 def shard_files(dataset: str | Path) -> list[Path]:
@@ -67,7 +73,7 @@ def inspect_dataset(dataset: str | Path) -> dict:
 
 
 def prepare(cfg: PretrainConfig):
-    """All pre-launch checks; returns (LoopSpec pieces) or raises UserError naming the problem."""
+    """All pre-launch checks; returns what the launch needs or raises UserError naming the problem."""
     from llmray.models.tokenizer import load_tokenizer
     from llmray.train.trainer import check_memory, check_resume
 
@@ -106,22 +112,15 @@ def prepare(cfg: PretrainConfig):
 
 
 def run(cfg: PretrainConfig) -> dict:
-    from llmray.train.lm import CausalLMTask
-    from llmray.train.loop import LoopSpec
-    from llmray.train.trainer import finish, launch, ordered_parquet
     from llmray.cluster import init_ray
+    from llmray.train.lm import CausalLMTask
+    from llmray.train.trainer import finish, launch, loop_spec, ordered_parquet
 
     info, tok_dir, shape, expect, g = prepare(cfg)
     init_ray(cfg.ray)
     ds = ordered_parquet([str(Path(f).resolve()) for f in info["files"]], info["columns"])
     task = CausalLMTask(tokenizer_dir=str(tok_dir), model=cfg.model, seed=cfg.seed)
-    spec = LoopSpec(
-        task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(Path(cfg.run_dir).resolve()),
-        num_rows=info["rows"], every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last,
-        resume=cfg.checkpoint.resume, seed=cfg.seed, log_every=cfg.log_every,
-        flops_per_token=6.0 * shape.num_params(), peak_flops_per_worker=cfg.peak_flops_per_worker,
-        expect_meta=expect,
-    )
+    spec = loop_spec(cfg, task, shape, info["rows"], expect)
     print(f"[llmray] pretrain: {info['rows']} sequences x {info['seq_len']} tokens, {shape.num_params() / 1e6:.2f}M params, "
           f"global batch {g}, {cfg.max_steps} steps on {cfg.scaling.num_workers} workers (ZeRO-{cfg.deepspeed.zero_stage})",
           flush=True)

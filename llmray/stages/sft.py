@@ -1,5 +1,8 @@
 """Stage `sft`: supervised fine-tuning of a model artifact on chat JSONL, loss on assistant tokens only.
 
+Local:   llmray sft --config jobs/configs/sft/tiny_cpu.yaml
+Cluster: ray job submit --working-dir . -- python jobs/sft.py --config jobs/configs/sft/tiny_cpu.yaml
+
 Conversations are rendered with the tokenizer's ChatML template; labels are -100 outside assistant
 turns (multi-turn in one pass); several conversations are packed per row with position_ids restarting
 per conversation (no attention across them); optional LoRA through peft, merged on export.
@@ -7,13 +10,13 @@ per conversation (no attention across them); optional LoRA through peft, merged 
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmray.config import check, to_dict
 from llmray.errors import UserError
+from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.lm import LoRAConfig
 from llmray.train.trainer import TrainRunConfig
 
@@ -42,38 +45,7 @@ class SFTConfig(TrainRunConfig):
         check(self.seq_len >= 8, "seq_len", "must be >= 8")
 
 
-def check_model_dir(path: str | Path, what: str = "model") -> dict:
-    """config.json of an HF model directory (a `model` artifact or a bare HF dir); clear errors otherwise."""
-    from llmray import artifacts
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what}: {p} does not exist")
-    if (p / artifacts.MANIFEST).exists():
-        artifacts.require(p, "model")
-    if not (p / "config.json").is_file():
-        raise UserError(f"{what}: {p} is not a Hugging Face model directory (no config.json)")
-    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
-        raise UserError(f"{what}: {p} has no tokenizer files")
-    return json.loads((p / "config.json").read_text())
-
-
-def model_shape(hf: dict):
-    from llmray.models.factory import ModelShape
-
-    return ModelShape(hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
-                      hf.get("num_key_value_heads") or hf["num_attention_heads"], hf["intermediate_size"],
-                      hf["max_position_embeddings"], bool(hf.get("tie_word_embeddings", True)))
-
-
-def load_tokenizer_checked(model_dir: str | Path, hf: dict):
-    from llmray.models.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
-    if len(tok) > hf["vocab_size"]:
-        raise UserError(f"tokenizer/model vocabulary mismatch in {model_dir}: tokenizer has {len(tok)} tokens, "
-                        f"the model's embedding only {hf['vocab_size']}")
-    return tok
+Config = SFTConfig
 
 
 def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
@@ -101,13 +73,11 @@ def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
 
 
 def run(cfg: SFTConfig) -> dict:
-    import ray.data
 
     from llmray.cluster import init_ray
     from llmray.train.chat_data import columns, write_rows
     from llmray.train.lm import CausalLMTask
-    from llmray.train.loop import LoopSpec
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
+    from llmray.train.trainer import check_memory, check_resume, finish, launch, loop_spec, small_dataset
 
     hf = check_model_dir(cfg.model)
     tok = load_tokenizer_checked(cfg.model, hf)
@@ -137,13 +107,7 @@ def run(cfg: SFTConfig) -> dict:
     ds = small_dataset(data_file, ["input_ids", "labels", "position_ids"])
     task = CausalLMTask(tokenizer_dir=str(Path(cfg.model).resolve()), init_from=str(Path(cfg.model).resolve()),
                         seed=cfg.seed, lora=cfg.lora)
-    spec = LoopSpec(
-        task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir),
-        num_rows=len(train_rows), every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last,
-        resume=cfg.checkpoint.resume, seed=cfg.seed, log_every=cfg.log_every,
-        flops_per_token=6.0 * shape.num_params(), peak_flops_per_worker=cfg.peak_flops_per_worker,
-        expect_meta=expect, eval_rows=columns(eval_rows) if eval_rows else None,
-    )
+    spec = loop_spec(cfg, task, shape, len(train_rows), expect, columns(eval_rows) if eval_rows else None)
     print(f"[llmray] sft: {stats}", flush=True)
     result = launch(cfg, spec, ds, "sft")
     return finish(cfg, "sft", to_dict(cfg), result, [cfg.model], stats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from llmray.errors import UserError
 
@@ -138,11 +138,6 @@ def columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
-
-
-def iter_chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
 
 
 def validate_preference(rec: dict) -> str | None:

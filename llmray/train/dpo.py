@@ -1,4 +1,4 @@
-"""Stage `dpo`: direct preference optimisation, offline, on Ray Train + DeepSpeed, against a frozen reference.
+"""The DPO training task: direct preference optimisation, offline, against a frozen reference.
 
 Loss (Rafailov et al. 2023): -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)))),
 with optional label smoothing (conservative DPO). Log-probabilities are sums over the answer's tokens
@@ -15,36 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmray.config import check, to_dict
-from llmray.errors import UserError
 from llmray.train.loop import TrainTask
-from llmray.train.trainer import TrainRunConfig
-
-
-@dataclass(frozen=True)
-class DPOConfig(TrainRunConfig):
-    model: str = "artifacts/sft"
-    """Policy start (usually the SFT model artifact)."""
-    ref_model: str | None = None
-    """Frozen reference; default: the same as `model`."""
-    data: str = "artifacts/corpus/preference"
-    """JSONL: {"prompt": [messages], "chosen": str, "rejected": str} per line."""
-    beta: float = 0.1
-    """Strength of the KL anchor to the reference (higher = stay closer)."""
-    label_smoothing: float = 0.0
-    """Probability that a pair's label is flipped (cDPO); 0 = plain DPO."""
-    eval_fraction: float = 0.1
-    seq_len: int = 256
-    max_examples: int | None = None
-    run_dir: str = "runs/dpo"
-    output: str = "artifacts/dpo"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
-        check(self.seq_len >= 8, "seq_len", "must be >= 8")
 
 
 def sequence_logps(logits, labels):
@@ -157,57 +128,3 @@ def with_ref_logps(ref_dir: str, rows: list[dict], data_dir: Path, name: str) ->
     ray.get(ray.remote(num_cpus=1)(_ref_logps_task).remote(str(ref_dir), str(src), str(tmp)))
     tmp.rename(out)
     return out, False
-
-
-def run(cfg: DPOConfig) -> dict:
-    import pyarrow.parquet as pq
-
-    from llmray.cluster import init_ray
-    from llmray.train.chat_data import preference_rows
-    from llmray.train.loop import LoopSpec
-    from llmray.train.sft import check_model_dir, load_tokenizer_checked, model_shape
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
-
-    hf = check_model_dir(cfg.model)
-    ref_dir = cfg.ref_model or cfg.model
-    ref_hf = check_model_dir(ref_dir, "ref_model")
-    if ref_hf["vocab_size"] != hf["vocab_size"]:
-        raise UserError(f"ref_model {ref_dir} has vocab_size {ref_hf['vocab_size']} but model {cfg.model} has "
-                        f"{hf['vocab_size']}; the reference must share the policy's tokenizer")
-    tok = load_tokenizer_checked(cfg.model, hf)
-    shape = model_shape(hf)
-    if cfg.seq_len > shape.max_position_embeddings:
-        raise UserError(f"seq_len {cfg.seq_len} exceeds the model context ({shape.max_position_embeddings})")
-    train, held, stats = preference_rows(cfg.data, tok, cfg.seq_len, cfg.eval_fraction, cfg.max_examples)
-    w = cfg.scaling.num_workers
-    if len(train) < cfg.deepspeed.micro_batch_size * w:
-        raise UserError(f"{cfg.data}: {len(train)} training pairs, fewer than micro_batch_size x num_workers")
-    held = held[: len(held) // w * w]
-    expect = {"model_shape": to_dict(shape), "objective": "dpo"}
-    check_resume(cfg, expect)
-    check_memory(cfg, shape, cfg.seq_len, copies=2)
-
-    init_ray(cfg.ray)
-    run_dir = Path(cfg.run_dir).resolve()
-    ref_abs = str(Path(ref_dir).resolve())
-    train_file, cached = with_ref_logps(ref_abs, train, run_dir / "data", "train")
-    eval_rows = None
-    if held:
-        eval_file, _ = with_ref_logps(ref_abs, held, run_dir / "data", "eval")
-        t = pq.read_table(eval_file)
-        import numpy as np
-
-        eval_rows = {c: np.asarray(t.column(c).to_pylist()) for c in t.column_names}
-    stats["ref_logps_cached"] = cached
-    cols = ["chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen", "ref_rejected"]
-    ds = small_dataset(train_file, cols)
-    spec = LoopSpec(
-        task=DPOTask(init_from=str(Path(cfg.model).resolve()), beta=cfg.beta, label_smoothing=cfg.label_smoothing),
-        ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir), num_rows=len(train),
-        every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume,
-        seed=cfg.seed, log_every=cfg.log_every, flops_per_token=6.0 * shape.num_params(),
-        peak_flops_per_worker=cfg.peak_flops_per_worker, expect_meta=expect, eval_rows=eval_rows,
-    )
-    print(f"[llmray] dpo: {stats}", flush=True)
-    result = launch(cfg, spec, ds, "dpo")
-    return finish(cfg, "dpo", to_dict(cfg), result, [cfg.model] + ([ref_dir] if cfg.ref_model else []), stats)

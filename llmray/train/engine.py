@@ -21,6 +21,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from llmray.cluster import free_port
 from llmray.train import shm_comm  # stdlib imports only; torch/deepspeed inside its functions
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig, ds_config, lr_factor
 
@@ -60,7 +61,7 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -75,14 +76,6 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
         shm_comm.install()
     log.info("distributed ready (%s%s, world %d) in %.1fs", backend,
              " + shared-memory collectives" if shm_comm.active() else "", dist.get_world_size(), time.monotonic() - t0)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def param_groups(model: "torch.nn.Module", weight_decay: float) -> list[dict[str, Any]]:
@@ -143,7 +136,6 @@ def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None) -> dict[s
     At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters`, a collective:
     all ranks must call this together. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
     """
-    import torch
 
     module = engine.module if hasattr(engine, "module") else engine
     out: dict[str, torch.Tensor] = {}
@@ -182,12 +174,6 @@ def optimizer_step(engine) -> float | None:
         gn = engine.get_global_grad_norm()
         norm = float(gn) if gn is not None else None
     return norm
-
-
-def is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

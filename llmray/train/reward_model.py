@@ -1,4 +1,4 @@
-"""Stage `reward-model`: a scalar reward head on the SFT decoder, trained on preference pairs (Ray Train + DeepSpeed).
+"""The reward-model training task: a scalar reward head on the SFT decoder, trained on preference pairs.
 
 `LlamaForSequenceClassification(num_labels=1)` initialised from the SFT model; the score is read at
 the last non-pad token (HF does this from `pad_token_id`; sequences are right-padded and end with
@@ -12,31 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmray.config import check, to_dict
 from llmray.errors import UserError
 from llmray.train.loop import TrainTask
-from llmray.train.trainer import TrainRunConfig
-
-
-@dataclass(frozen=True)
-class RewardModelConfig(TrainRunConfig):
-    model: str = "artifacts/sft"
-    """SFT model artifact the reward model starts from (its decoder; a fresh scalar head)."""
-    data: str = "artifacts/corpus/preference"
-    """JSONL: {"prompt": [messages], "chosen": str, "rejected": str} per line."""
-    eval_fraction: float = 0.1
-    seq_len: int = 256
-    margin: float = 0.0
-    """Subtracted from r_chosen - r_rejected in the loss: the pair must win by this much."""
-    max_examples: int | None = None
-    run_dir: str = "runs/reward_model"
-    output: str = "artifacts/reward_model"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
-        check(self.seq_len >= 8, "seq_len", "must be >= 8")
-        check(self.margin >= 0, "margin", "must be >= 0")
 
 
 def pairwise_loss(r_chosen, r_rejected, margin: float = 0.0):
@@ -97,42 +74,3 @@ class RewardTask(TrainTask):
         out_dir.mkdir(parents=True, exist_ok=True)
         m.save_pretrained(out_dir, safe_serialization=True)
         load_tokenizer(self.init_from).save_pretrained(out_dir)
-
-
-def run(cfg: RewardModelConfig) -> dict:
-    from llmray.cluster import init_ray
-    from llmray.train.chat_data import columns, preference_rows, write_rows
-    from llmray.train.loop import LoopSpec
-    from llmray.train.sft import check_model_dir, load_tokenizer_checked, model_shape
-    from llmray.train.trainer import check_memory, check_resume, finish, launch, small_dataset
-
-    hf = check_model_dir(cfg.model)
-    tok = load_tokenizer_checked(cfg.model, hf)
-    shape = model_shape(hf)
-    if cfg.seq_len > shape.max_position_embeddings:
-        raise UserError(f"seq_len {cfg.seq_len} exceeds the model context ({shape.max_position_embeddings})")
-    keep = ["chosen_ids", "rejected_ids"]
-    train, held, stats = preference_rows(cfg.data, tok, cfg.seq_len, cfg.eval_fraction, cfg.max_examples)
-    train = [{k: r[k] for k in keep} for r in train]
-    held = [{k: r[k] for k in keep} for r in held]
-    w = cfg.scaling.num_workers
-    if len(train) < cfg.deepspeed.micro_batch_size * w:
-        raise UserError(f"{cfg.data}: {len(train)} training pairs, fewer than micro_batch_size x num_workers")
-    held = held[: len(held) // w * w]
-    expect = {"model_shape": to_dict(shape), "head": "reward"}
-    check_resume(cfg, expect)
-    check_memory(cfg, shape, cfg.seq_len, copies=2)
-    init_ray(cfg.ray)
-    run_dir = Path(cfg.run_dir).resolve()
-    ds = small_dataset(write_rows(train, run_dir / "data" / "train.parquet"), keep)
-    spec = LoopSpec(
-        task=RewardTask(init_from=str(Path(cfg.model).resolve()), margin=cfg.margin),
-        ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps, run_dir=str(run_dir), num_rows=len(train),
-        every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume,
-        seed=cfg.seed, log_every=cfg.log_every, flops_per_token=6.0 * shape.num_params(),
-        peak_flops_per_worker=cfg.peak_flops_per_worker, expect_meta=expect,
-        eval_rows=columns(held) if held else None,
-    )
-    print(f"[llmray] reward-model: {stats}", flush=True)
-    result = launch(cfg, spec, ds, "reward-model")
-    return finish(cfg, "reward-model", to_dict(cfg), result, [cfg.model], stats)

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from llmray.cluster import RayConfig
 from llmray.config import check
@@ -139,6 +139,20 @@ def forget_ray_train_snapshot(run_dir: str | Path) -> bool:
         p.unlink()
         return True
     return False
+
+
+def loop_spec(cfg: TrainRunConfig, task, shape, num_rows: int, expect: dict[str, Any],
+              eval_rows: dict[str, Any] | None = None) -> "LoopSpec":
+    """What every training recipe hands its workers: the task plus the run's shared settings."""
+    from llmray.train.loop import LoopSpec
+
+    return LoopSpec(
+        task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps,
+        run_dir=str(Path(cfg.run_dir).resolve()), num_rows=num_rows, every_n_steps=cfg.checkpoint.every_n_steps,
+        keep_last=cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume, seed=cfg.seed, log_every=cfg.log_every,
+        flops_per_token=6.0 * shape.num_params(), peak_flops_per_worker=cfg.peak_flops_per_worker,
+        expect_meta=expect, eval_rows=eval_rows,
+    )
 
 
 def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", name: str,

@@ -41,7 +41,7 @@ def test_stage_config_loads(stage_name: str, path: Path):
     try:
         cls = stage.config_class()
     except (ImportError, AttributeError) as e:
-        pytest.fail(f"{path.relative_to(ROOT)}: stage {stage_name!r} config class {stage.config} "
+        pytest.fail(f"{path.relative_to(ROOT)}: stage {stage_name!r} config class ({stage.module}.Config) "
                     f"does not import ({e}); a shipped YAML must load")
     cfg = cfglib.load(cls, path)
     assert isinstance(cfg, cls)

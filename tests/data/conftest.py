@@ -26,9 +26,10 @@ def clean_cfg(input_dir, output, **kw):
 def data_corpus(tmp_path_factory) -> Path:
     """1,600 labelled documents in 8 JSONL shards (exact and near duplicates, junk, PII)."""
     from llmray.data import synthetic
+    from llmray.stages import corpus as corpus_stage
 
     out = tmp_path_factory.mktemp("data_stage") / "corpus"
-    synthetic.run(synthetic.CorpusConfig(output=str(out), num_documents=1600, docs_per_shard=200, num_sft=1,
+    corpus_stage.run(synthetic.CorpusConfig(output=str(out), num_documents=1600, docs_per_shard=200, num_sft=1,
                                          num_preference=1, num_prompts=1, num_eval=1))
     return out
 
@@ -36,7 +37,7 @@ def data_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def clean_reference(ray_cluster, data_corpus) -> tuple[Path, dict]:
     """clean-dedup of `data_corpus` with 3 shuffle partitions and unbounded task concurrency."""
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     out = data_corpus.parent / "clean_p3"
     result = run(clean_cfg(data_corpus / "docs", out))

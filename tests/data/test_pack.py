@@ -25,7 +25,7 @@ def test_position_ids_restart_after_eos_and_at_row_start():
 
 
 def test_pack_stage_writes_contract(clean_reference, tokenizer_dir, tmp_path):
-    from llmray.data.pack import run
+    from llmray.stages.pack import run
     from llmray.models.tokenizer import load_tokenizer
 
     clean, _ = clean_reference
@@ -54,7 +54,7 @@ def test_pack_stage_writes_contract(clean_reference, tokenizer_dir, tmp_path):
 
 
 def test_pack_errors_name_the_problem(clean_reference, tokenizer_dir, tmp_path):
-    from llmray.data.pack import run
+    from llmray.stages.pack import run
 
     clean, _ = clean_reference
     with pytest.raises(UserError, match="tokenizer not found"):

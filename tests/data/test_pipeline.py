@@ -55,7 +55,7 @@ def test_dedup_precision_recall_and_cleaning(clean_reference, data_corpus):
 
 
 def test_identical_output_at_parallelism_1(clean_reference, data_corpus, tmp_path):
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     ref, _ = clean_reference
     out = tmp_path / "clean_p1"
@@ -74,7 +74,7 @@ def _good_rows(n, start=0):
 
 
 def test_bad_records_are_skipped_named_and_budgeted(ray_cluster, tmp_path):
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     src = tmp_path / "in"
     src.mkdir()
@@ -103,7 +103,7 @@ def test_bad_records_are_skipped_named_and_budgeted(ray_cluster, tmp_path):
 
 
 def test_clear_errors_before_work(tmp_path):
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     with pytest.raises(UserError, match="input not found"):
         run(clean_cfg(tmp_path / "nope", tmp_path / "o1"))
@@ -121,7 +121,7 @@ def test_clear_errors_before_work(tmp_path):
 
 
 def test_empty_documents_input_fails(ray_cluster, tmp_path):
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(UserError, match="holds no documents"):
@@ -134,7 +134,7 @@ def test_killed_job_resumes_without_duplicate_or_missing_rows(ray_cluster, data_
     input files staged before the kill are not redone."""
     import ray
 
-    from llmray.data.pipeline import run
+    from llmray.stages.clean_dedup import run
 
     ref, _ = clean_reference
     src = tmp_path / "many"

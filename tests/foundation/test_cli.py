@@ -62,7 +62,7 @@ def test_flags_become_overrides():
 
 def test_pipeline_config_names_a_bad_sampled_k():
     from llmray.config import ConfigError, build
-    from llmray.pipeline import PipelineConfig
+    from llmray.stages.pipeline import PipelineConfig
 
     assert build(PipelineConfig, {"sampled_k": 0}).sampled_k == 0
     with pytest.raises(ConfigError, match="sampled_k"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_report_separates_the_run_from_its_stages(tmp_path):
-    from llmray.pipeline import Paths
+    from llmray.stages.pipeline import Paths
     from llmray.report.run_report import RUN_KEY, write_report
 
     results = {

@@ -3,7 +3,8 @@
 import pytest
 
 from llmray.config import ConfigError, build
-from llmray.models.tokenizer import EOS, TokenizerConfig, load_tokenizer
+from llmray.models.tokenizer import EOS, load_tokenizer
+from llmray.stages.tokenizer import TokenizerConfig
 
 
 def test_round_trip(tokenizer_dir):
@@ -36,8 +37,9 @@ def test_vocab_smaller_than_specials_is_refused():
 
 
 def test_tokenizer_stage(tmp_path):
-    from llmray.data.synthetic import CorpusConfig, run as make_corpus
-    from llmray.models.tokenizer import run
+    from llmray.data.synthetic import CorpusConfig
+    from llmray.stages.corpus import run as make_corpus
+    from llmray.stages.tokenizer import run
 
     corpus = tmp_path / "corpus"
     make_corpus(CorpusConfig(output=str(corpus), num_documents=200, num_sft=10, num_preference=10,

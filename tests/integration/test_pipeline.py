@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory, ray_cluster):
 
 
 def test_every_artifact_report_and_answers(tiny_run):
-    from llmray.pipeline import STEPS
+    from llmray.stages.pipeline import STEPS
 
     workdir, result = tiny_run
     for name, _, sub, kind in STEPS:

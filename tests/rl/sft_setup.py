@@ -1,5 +1,5 @@
 """TEST SETUP ONLY: a short plain-torch SFT of the tiny model on task chats, so RL tests start
-from a policy with partial task accuracy (the real SFT stage is `llmray.train.sft`)."""
+from a policy with partial task accuracy (the real SFT stage is `llmray.stages.sft`)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ API_KEY = "test-key-0123456789"
 def server(ray_cluster, tiny_model_dir):
     """The shared server. Limits are small so overload is reachable: 16 engine slots + 56 queued."""
     from llmray.config import build
-    from llmray.serving.stage import ServeConfig, start
+    from llmray.serving.config import ServeConfig
+    from llmray.serving.server import start
 
     cfg = build(ServeConfig, {
         "model": str(tiny_model_dir), "served_model_name": "tiny", "port": 0, "app_name": "llm-test",

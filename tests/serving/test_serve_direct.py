@@ -28,7 +28,7 @@ def _listener(port: int) -> str:
 
 
 def test_llmray_serve_direct_ingress(tiny_model_dir, tmp_path):
-    from llmray.serving.stage import free_port
+    from llmray.cluster import free_port
 
     port = free_port()
     env = {**os.environ, "LLMRAY_API_KEY": KEY}

@@ -32,7 +32,7 @@ def draft_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_model_dir) -> dict:
-    from llmray.serving.quantize import QuantizeConfig, run
+    from llmray.stages.quantize import QuantizeConfig, run
 
     out = tmp_path_factory.mktemp("quant") / "w8a8"
     return run(QuantizeConfig(model=str(tiny_model_dir), output=str(out), eval_docs=8, eval_tasks=2))
@@ -56,10 +56,11 @@ def test_quantized_artifact_is_smaller_and_gated(quantized):
 
 
 def test_quality_gate_failure_publishes_nothing(tmp_path, tiny_model_dir, monkeypatch):
-    from llmray.serving import quantize
+    from llmray import evaluation
+    from llmray.stages import quantize
 
     ppl = iter([10.0, 11.0])  # +10% against a 5% gate
-    monkeypatch.setattr(quantize, "perplexity", lambda *a, **k: next(ppl))
+    monkeypatch.setattr(evaluation, "perplexity", lambda *a, **k: next(ppl))
     out = tmp_path / "w8a8"
     with pytest.raises(UserError, match="quality gate failed"):
         quantize.run(quantize.QuantizeConfig(model=str(tiny_model_dir), output=str(out), eval_docs=2, eval_tasks=0))

@@ -93,7 +93,7 @@ def test_deployment_options_bound_the_queue_and_autoscale():
 
 
 def test_engine_kwargs_and_speculative_config(tiny_model_dir, tmp_path):
-    from llmray.serving.engine import EngineConfig, engine_kwargs
+    from llmray.vllm_engine import EngineConfig, engine_kwargs
 
     kw = engine_kwargs(str(tiny_model_dir), build(EngineConfig, {"speculative": {"method": "ngram"}}))
     assert kw["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4,
@@ -106,7 +106,7 @@ def test_engine_kwargs_and_speculative_config(tiny_model_dir, tmp_path):
 
 
 def test_worker_process_sets_vllm_layout(tiny_model_dir):
-    from llmray.serving.engine import EngineConfig, engine_env, engine_kwargs
+    from llmray.vllm_engine import EngineConfig, engine_env, engine_kwargs
 
     inproc = EngineConfig()
     assert engine_env(inproc)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
@@ -142,7 +142,7 @@ def test_serve_config_errors_name_the_key():
 
 
 def test_direct_ingress_env_starts_replica_ports_at_the_configured_port():
-    from llmray.serving.stage import direct_ingress_env
+    from llmray.serving.server import direct_ingress_env
 
     env = direct_ingress_env(18080)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
@@ -151,7 +151,7 @@ def test_direct_ingress_env_starts_replica_ports_at_the_configured_port():
 
 
 def test_auto_ingress_is_direct_only_for_one_replica_on_a_cluster_with_direct_ingress(monkeypatch):
-    from llmray.serving.stage import resolve_ingress
+    from llmray.serving.server import resolve_ingress
 
     monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
     one = build(ServeConfig, {})
@@ -250,7 +250,7 @@ def test_stat_logger_reads_vllm_scheduler_stats():
 def test_shipped_serving_configs_load():
     from ray.serve.schema import ServeDeploySchema
 
-    from llmray.serving.quantize import QuantizeConfig
+    from llmray.stages.quantize import QuantizeConfig
 
     for path in sorted((ROOT / "jobs/configs/serve").glob("*.yaml")):
         load(ServeConfig, path)

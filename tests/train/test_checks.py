@@ -47,7 +47,7 @@ def test_ds_config_reduces_whole_buckets_on_shared_memory_at_zero_1_and_2():
     ("deepspeed.precision=fp8", "deepspeed.precision"),
 ])
 def test_bad_settings_name_the_key(override, key):
-    from llmray.train.pretrain import PretrainConfig
+    from llmray.stages.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load(PretrainConfig, None, [override])
@@ -136,13 +136,13 @@ def test_memory_estimate_follows_zero_accounting():
 # ---- bad input, refused before launch -------------------------------------------------------------
 
 def _pre(dataset, *extra):
-    from llmray.train.pretrain import PretrainConfig
+    from llmray.stages.pretrain import PretrainConfig
 
     return load(PretrainConfig, None, [f"dataset={dataset}", "scaling.num_workers=2", *extra])
 
 
 def test_missing_and_empty_dataset(tmp_path, packed_dataset):
-    from llmray.train.pretrain import prepare
+    from llmray.stages.pretrain import prepare
 
     with pytest.raises(UserError, match="does not exist"):
         prepare(_pre(tmp_path / "nope", f"run_dir={tmp_path}/r"))
@@ -160,7 +160,7 @@ def test_missing_and_empty_dataset(tmp_path, packed_dataset):
 
 
 def test_vocab_mismatch_seq_len_and_memory(tmp_path, packed_dataset, tokenizer_dir):
-    from llmray.train.pretrain import prepare
+    from llmray.stages.pretrain import prepare
 
     other = tmp_path / "ds"
     shutil.copytree(packed_dataset, other)
@@ -179,7 +179,7 @@ def test_vocab_mismatch_seq_len_and_memory(tmp_path, packed_dataset, tokenizer_d
 
 def test_checkpoint_of_other_model_shape_refused(tmp_path, packed_dataset):
     from llmray.train import checkpoint as ck
-    from llmray.train.pretrain import prepare
+    from llmray.stages.pretrain import prepare
 
     run_dir = tmp_path / "r"
     ck.save(_FakeEngine(), run_dir / "checkpoints", 5, {"consumed_chunks": 5, "model_shape": {"hidden_size": 4096}})
@@ -190,8 +190,8 @@ def test_checkpoint_of_other_model_shape_refused(tmp_path, packed_dataset):
 
 
 def test_bad_preference_data_named_before_work(tmp_path, tiny_model_dir):
-    from llmray.rl.dpo import DPOConfig, run as dpo_run
-    from llmray.rl.reward_model import RewardModelConfig, run as rm_run
+    from llmray.stages.dpo import DPOConfig, run as dpo_run
+    from llmray.stages.reward_model import RewardModelConfig, run as rm_run
 
     good = {"prompt": [{"role": "user", "content": "add 1 2"}], "chosen": "The answer is 3.",
             "rejected": "The answer is 4."}
@@ -213,7 +213,7 @@ def test_launch_reserves_a_cpu_for_the_streamed_read_and_names_it(monkeypatch, t
     """2 workers x 1 CPU on a 2-CPU cluster left nothing for the parquet read tasks: the run hung
     with the read PENDING forever. Now the pre-launch check asks for the extra CPU and names it."""
     from llmray import cluster
-    from llmray.train.pretrain import PretrainConfig
+    from llmray.stages.pretrain import PretrainConfig
     from llmray.train.trainer import launch
 
     seen = {}

@@ -51,7 +51,7 @@ def _common(tmp_path, name):
 
 
 def test_sft_lora_merged_on_export(ray_cluster, tiny_model_dir, chat_file, tmp_path):
-    from llmray.train.sft import SFTConfig, run
+    from llmray.stages.sft import SFTConfig, run
 
     cfg = load(SFTConfig, None, [f"model={tiny_model_dir}", f"data={chat_file}", "seq_len=128", "max_steps=12",
                                  "deepspeed.micro_batch_size=4", "deepspeed.zero_stage=2", "optimizer.lr=5e-3",
@@ -75,7 +75,8 @@ def test_sft_lora_merged_on_export(ray_cluster, tiny_model_dir, chat_file, tmp_p
 
 
 def test_reward_model_pairwise_training(ray_cluster, tiny_model_dir, pref_file, tmp_path):
-    from llmray.rl.reward_model import RewardModelConfig, load_reward_model, run
+    from llmray.stages.reward_model import RewardModelConfig, run
+    from llmray.train.reward_model import load_reward_model
 
     cfg = load(RewardModelConfig, None, [f"model={tiny_model_dir}", f"data={pref_file}", "seq_len=96", "max_steps=20",
                                          "deepspeed.micro_batch_size=8", "optimizer.lr=2e-3", "optimizer.warmup_steps=2",
@@ -100,7 +101,7 @@ def test_reward_model_pairwise_training(ray_cluster, tiny_model_dir, pref_file, 
 def test_dpo_raises_margins_with_cached_reference(ray_cluster, tiny_model_dir, pref_file, tmp_path):
     import math
 
-    from llmray.rl.dpo import DPOConfig, run
+    from llmray.stages.dpo import DPOConfig, run
 
     cfg = load(DPOConfig, None, [f"model={tiny_model_dir}", f"data={pref_file}", "seq_len=96", "max_steps=12",
                                  "beta=0.1", "deepspeed.micro_batch_size=8", "optimizer.lr=1e-3",
@@ -114,7 +115,7 @@ def test_dpo_raises_margins_with_cached_reference(ray_cluster, tiny_model_dir, p
     assert out["ref_logps_cached"] is False
     # The reference log-probs were computed once; the same reference + data finds them cached.
     from llmray.models.tokenizer import load_tokenizer
-    from llmray.rl.dpo import with_ref_logps
+    from llmray.train.dpo import with_ref_logps
     from llmray.train.chat_data import preference_rows
 
     train, _, _ = preference_rows(pref_file, load_tokenizer(tiny_model_dir), 96, 0.17)

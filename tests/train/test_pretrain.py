@@ -23,7 +23,7 @@ _RUNS: dict[str, dict] = {}
 
 def _cfg(root: Path, name: str, dataset: Path, extra: list[str]):
     from llmray.config import load
-    from llmray.train.pretrain import PretrainConfig
+    from llmray.stages.pretrain import PretrainConfig
 
     return load(PretrainConfig, None, [
         f"dataset={dataset}", f"run_dir={root / name}", f"output={root / (name + '_model')}",
@@ -51,7 +51,7 @@ def root(tmp_path_factory) -> Path:
 
 def _pretrain(root: Path, dataset: Path, name: str) -> dict:
     if name not in _RUNS:
-        from llmray.train.pretrain import run
+        from llmray.stages.pretrain import run
 
         result = run(_cfg(root, name, dataset, STAGES[name]))
         _RUNS[name] = {"result": result, "metrics": _metrics(root / name), "output": root / (name + "_model"),
@@ -97,7 +97,7 @@ def test_resume_is_exact_and_skips_cut_off_checkpoint(ray_cluster, root, packed_
     resumed run's through gloo (DeepSpeed's reduce-scatter): the same losses also show the two reduce alike."""
     import shutil
 
-    from llmray.train.pretrain import run
+    from llmray.stages.pretrain import run
 
     first = _pretrain(root, packed_dataset, "zero1")
     straight = first["metrics"]
@@ -130,7 +130,7 @@ def test_zero2_loss_decreases_and_killed_worker_resumes_from_last_complete_check
     restarts from step 10, replays 11-13 on the same rows, finishes at 30, and its loss fell."""
     from llmray.config import replace
     from llmray.train import checkpoint as ck
-    from llmray.train.pretrain import run
+    from llmray.stages.pretrain import run
 
     steps = 30  # kill after step 13 (checkpoint at 10); steps 11-13 are replayed after the restart
     cfg = replace(_cfg(root, "killed", packed_dataset, ["deepspeed.zero_stage=2", "max_failures=1",

@@ -31,7 +31,6 @@ import time
 from typing import Any
 
 from llmray.errors import UserError
-from llmray.hardware import engine_dtype, has_cuda
 from llmray.rl.dispatch import register
 
 SAMPLING_KEYS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 64, "seed": None,
@@ -90,32 +89,25 @@ class RolloutWorker:
                  enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs",
                  in_process: bool = True, max_num_seqs: int = 256, cpu_threads_bind: str | None = "nobind"):
+        from llmray.vllm_engine import EngineConfig, build_llm
+
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise UserError(f"rollout.model_dir: {model_dir} has no config.json (not a Hugging Face model dir)")
-        # Before vLLM is imported: KV cache size on CPU (whole GiB), engine in this process
-        # (faster here, and killing this actor's process kills the engine with it).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         # CPU only. "nobind": OpenMP threads follow OMP_NUM_THREADS, which Ray sets from the actor's
         # num_cpus; vLLM's "auto" pins threads to every core of the NUMA node, on top of the other
-        # actors of that node (measured here: 57 vs 32 tok/s on a busy 2-core box). Or "0-3" etc.
+        # actors of that node (57 vs 32 tok/s on a busy 2-core box). Or "0-3" etc.
         if cpu_threads_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
-        from vllm import LLM
-
+        # The engine in this process (`engine_core`): killing this actor's process kills the engine with it.
+        cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+                           enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb,
+                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                           worker_process="engine_core" if in_process else "separate")
         t0 = time.monotonic()
         self.model_dir, self.max_model_len = model_dir, max_model_len
-        kwargs: dict[str, Any] = dict(
-            model=model_dir, dtype=engine_dtype(dtype, model_dir), max_model_len=max_model_len, seed=seed,
-            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-            worker_extension_cls="llmray.rl.vllm_ext.WeightLoader", logprobs_mode=logprobs_mode,
-            max_num_seqs=max_num_seqs, enable_prefix_caching=True,
-        )
-        if has_cuda():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         try:
-            self.llm = LLM(**kwargs)
+            self.llm = build_llm(model_dir, cfg, worker_extension_cls="llmray.rl.vllm_ext.WeightLoader",
+                                 logprobs_mode=logprobs_mode, enable_prefix_caching=True)
         except Exception as e:  # noqa: BLE001 - the engine's own error, with the model named
             raise UserError(f"rollout engine failed to start on {model_dir}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
