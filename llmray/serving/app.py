@@ -23,6 +23,7 @@ from llmray.serving.auth import check_bearer, resolve_api_key
 from llmray.serving.config import ServeConfig
 from llmray.vllm_engine import engine_env
 from llmray.serving.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from llmray.serving.stream import batches, pump
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "LLMServer"
@@ -45,47 +46,6 @@ async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONRespo
 async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
     log.exception("internal error")
     return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), 500)
-
-
-async def _pump(stream, first_item, queue: asyncio.Queue) -> None:
-    """Engine outputs of one request -> `queue`, then None (or the exception that stopped it).
-    (None, not a sentinel object: Serve may ship the deployment class by value, copying globals.)"""
-    try:
-        item = first_item
-        while item is not None:
-            queue.put_nowait(item)
-            item = await anext(stream, None)
-        queue.put_nowait(None)
-    except Exception as e:  # noqa: BLE001 - handed to the SSE writer, which reports it in-band
-        queue.put_nowait(e)
-
-
-def _is_last(item) -> bool:
-    return item is None or isinstance(item, BaseException)
-
-
-async def _batches(queue: asyncio.Queue, flush_s: float):
-    """What `_pump` queued, in batches: the first item at once, then at most one batch per `flush_s`
-    (what arrives meanwhile joins it). A batch that reaches the end (None or an exception) leaves at
-    once: nothing follows it, so holding it would only delay the response's end."""
-    last_sent = None
-    while True:
-        items = [await queue.get()]
-        while last_sent is not None and not _is_last(items[-1]):
-            wait = last_sent + flush_s - time.monotonic()
-            if wait <= 0:
-                break
-            try:
-                async with asyncio.timeout(wait):
-                    items.append(await queue.get())
-            except TimeoutError:
-                break
-        while not _is_last(items[-1]) and not queue.empty():
-            items.append(queue.get_nowait())
-        last_sent = time.monotonic()
-        yield items
-        if _is_last(items[-1]):
-            return
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -293,12 +253,12 @@ class LLMServer:
     async def _sse(self, route, plan, acc, stream, first_item, start, deadline, want_lp, req):
         """SSE events of one streamed request. A pump task reads the engine stream into a queue;
         this generator sends what is ready as one chunk, at most every `stream_flush_ms` (the first
-        chunk and the last at once, see `_batches`), so a token costs no Ray hop of its own."""
+        chunk and the last at once, see `llmray.serving.stream`), so a token costs no Ray hop of its own."""
         first_at = None
         ok = False
         queue: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(_pump(stream, first_item, queue))
-        batches = _batches(queue, self.cfg.stream_flush_ms / 1000.0)
+        pump_task = asyncio.create_task(pump(stream, first_item, queue))
+        chunks = batches(queue, self.cfg.stream_flush_ms / 1000.0)
         try:
             head = b""
             if plan.chat:
@@ -311,7 +271,7 @@ class LLMServer:
             while not done:
                 try:
                     async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                        items = await anext(batches)
+                        items = await anext(chunks)
                 except TimeoutError:
                     self._count(route, 504, "timeout")
                     yield head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
@@ -362,10 +322,10 @@ class LLMServer:
                 self.metrics.errors.labels(self.name, route, "client_disconnected").inc()
             # A client that went away cancels this generator: stopping the pump and closing the
             # engine stream aborts the vLLM request, which frees its slot and KV cache.
-            await batches.aclose()
-            pump.cancel()
+            await chunks.aclose()
+            pump_task.cancel()
             try:
-                await pump
+                await pump_task
             except BaseException:  # noqa: BLE001 - cancelled, or its error was already reported
                 pass
             await stream.aclose()

@@ -200,7 +200,7 @@ def test_stream_batches_hold_tokens_but_never_the_end():
     import asyncio
     import time
 
-    from llmray.serving.app import _batches
+    from llmray.serving.stream import batches as _batches
 
     async def run(flush_s: float, feed: list[tuple[float, object]]) -> list[tuple[float, list]]:
         queue: asyncio.Queue = asyncio.Queue()
