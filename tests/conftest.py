@@ -17,9 +17,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own cluster, never a user's
 
 
+# Fixtures that start a Ray cluster, a server, a vLLM engine or a training run. A test that needs
+# none of them, and is not marked `slow`, is in the fast tier (`make test-fast`: pure functions,
+# configs, small files), which the full suite includes.
+HEAVY_FIXTURES = frozenset({
+    "ray_cluster", "two_node_cluster", "server", "test_server", "packed_dataset", "data_corpus",
+    "clean_reference", "tiny_run", "rl_sft_model", "rl_fixed_prompts", "quantized", "draft_dir", "engine",
+    "group", "hf_group", "hf_models", "jobs", "runtime_env", "client", "probes", "other_model_dir",
+})
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if not HEAVY_FIXTURES & set(item.fixturenames) and "slow" not in item.keywords and "gpu" not in item.keywords:
+            item.add_marker(pytest.mark.fast)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

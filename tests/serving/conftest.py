@@ -10,27 +10,43 @@ import pytest
 API_KEY = "test-key-0123456789"
 
 
-@pytest.fixture(scope="session")
-def server(ray_cluster, tiny_model_dir):
-    """The shared server. Limits are small so overload is reachable: 16 engine slots + 56 queued."""
+def start_test_server(model_dir, app_name: str = "llm-test", route_prefix: str = "/"):
+    """A real Serve application on 127.0.0.1 (tiny model, API key). Limits are small so overload is
+    reachable: 16 engine slots + 56 queued."""
     from llmray.config import build
     from llmray.serving.config import ServeConfig
     from llmray.serving.server import start
 
     cfg = build(ServeConfig, {
-        "model": str(tiny_model_dir), "served_model_name": "tiny", "port": 0, "app_name": "llm-test",
-        "api_key": API_KEY,
+        "model": str(model_dir), "served_model_name": "tiny", "port": 0, "app_name": app_name,
+        "route_prefix": route_prefix, "api_key": API_KEY,
         "engine": {"max_model_len": 256, "max_num_seqs": 16, "kv_cache_gb": 1},
         "limits": {"max_queue": 56, "request_timeout_s": 120, "max_body_bytes": 65536},
         "deployment": {"graceful_shutdown_timeout_s": 60, "health_check_period_s": 2},
     })
-    handle = start(cfg)
-    yield handle
-    handle.shutdown()
+    return start(cfg)
+
+
+def stop_test_server(handle) -> None:
     from ray import serve
 
+    handle.shutdown()
     if not serve.status().applications:
         serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, tiny_model_dir):
+    """The server the serving tests share (none of them stops or kills it)."""
+    handle = start_test_server(tiny_model_dir)
+    yield handle
+    stop_test_server(handle)
+
+
+@pytest.fixture(scope="session")
+def test_server():
+    """(start, stop) for a module that needs a server of its own (one it may kill or shut down)."""
+    return start_test_server, stop_test_server
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ def _listener(port: int) -> str:
     return ""
 
 
+@pytest.mark.slow  # starts its own Ray cluster and server through the CLI
 def test_llmray_serve_direct_ingress(tiny_model_dir, tmp_path):
     from llmray.cluster import free_port
 

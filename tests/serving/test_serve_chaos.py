@@ -1,5 +1,5 @@
-"""Faults on the shared server (this file runs last: it kills a replica, then shuts the server down):
-a replica process killed under load is restarted by Serve; shutdown drains in-flight streams."""
+"""Faults on a server of this module's own (the shared one is left alone, so file order does not
+matter): a replica process killed under load is restarted by Serve; shutdown drains in-flight streams."""
 
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_dir, test_server):
+    """This module's server: its replica is killed, then it is shut down under load."""
+    start, stop = test_server
+    handle = start(tiny_model_dir, app_name="llm-chaos", route_prefix="/chaos")
+    yield handle
+    stop(handle)
 
 
 def _replica_pid(server) -> int:
