@@ -23,6 +23,18 @@ def test_ls_lists_every_stage():
         assert name in r.stdout
 
 
+def test_stage_modules_are_the_registry():
+    """One recipe module per registered stage, and no recipe outside the registry: `ls llmray/stages`
+    is `llmray ls`. Each module has the `Config` and `run` the CLI and the pipeline call."""
+    from llmray.stages import STAGES
+
+    modules = {p.stem for p in (ROOT / "llmray" / "stages").glob("*.py") if p.stem != "__init__"}
+    assert modules == {name.replace("-", "_") for name in STAGES}
+    for stage in STAGES.values():
+        assert callable(stage.run_fn()) and hasattr(stage.config_class(), "__dataclass_fields__"), stage.name
+        assert (ROOT / stage.job).is_file(), stage.job
+
+
 def test_unknown_stage_is_one_line_error():
     r = llmray("fly")
     assert r.returncode == 2
