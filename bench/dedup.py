@@ -67,7 +67,7 @@ def run_loop(corpus: Path, work: Path) -> dict:
     from datasketch import MinHash, MinHashLSH
 
     t = time.perf_counter()
-    ids, shingle_sets = [], []
+    ids = []
     lsh = MinHashLSH(num_perm=NUM_PERM, params=(BANDS, ROWS))
     parent: dict[int, int] = {}
 
@@ -123,7 +123,8 @@ def run_datatrove(corpus: Path, work: Path) -> dict:
     LocalPipelineExecutor([MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), config=cfg)], tasks=1,
                           logging_dir=str(base / "logs/3"), **common).run()
     LocalPipelineExecutor([reader(), MinhashDedupFilter(str(base / "remove"),
-                                                        exclusion_writer=JsonlWriter(str(base / "removed"), compression=None)),
+                                                        exclusion_writer=JsonlWriter(str(base / "removed"),
+                                                                                     compression=None)),
                            JsonlWriter(str(base / "kept"), compression=None)], tasks=files,
                           logging_dir=str(base / "logs/4"), **common).run()
     seconds = time.perf_counter() - t
@@ -202,8 +203,8 @@ def ensure_bench_venv() -> bool:
         return True
     print("creating .venv-bench-datatrove (datatrove and the extras its MinHash steps import) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-    r = subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "--quiet", "datatrove", "xxhash<4", "regex", "psutil",
-                        "tokenizers", "orjson"])
+    r = subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "--quiet", "datatrove", "xxhash<4", "regex",
+                        "psutil", "tokenizers", "orjson"])
     return r.returncode == 0
 
 

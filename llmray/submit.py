@@ -50,7 +50,8 @@ def load_runtime_env(path: str | Path = RUNTIME_ENV, *, pip: bool = True, workin
     env = read_yaml(path)
     unknown = sorted(set(env) - RUNTIME_ENV_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown runtime_env key {unknown[0]!r}; allowed: {', '.join(sorted(RUNTIME_ENV_KEYS))}")
+        raise ConfigError(f"{path}: unknown runtime_env key {unknown[0]!r}; "
+                          f"allowed: {', '.join(sorted(RUNTIME_ENV_KEYS))}")
     for k, v in (env.get("env_vars") or {}).items():
         if not isinstance(v, str):
             raise ConfigError(f"{path}: env_vars.{k} must be a string (quote it in YAML), got {v!r}")
@@ -172,10 +173,12 @@ def _wants(info) -> str:
 
 
 def _timeout_message(job_id: str, status: str, info, elapsed: float, stopped: bool) -> str:
-    then = "it was stopped" if stopped else f"follow it with `ray job logs -f {job_id}`, stop it with `ray job stop {job_id}`"
+    then = ("it was stopped" if stopped
+            else f"follow it with `ray job logs -f {job_id}`, stop it with `ray job stop {job_id}`")
     if status == "PENDING":
         wants = _wants(info)
-        what = f"waiting for entrypoint resources {wants} that no node offers" if wants else (info.message or "not started")
+        what = (f"waiting for entrypoint resources {wants} that no node offers" if wants
+                else (info.message or "not started"))
         return f"job {job_id} still PENDING after {elapsed:.0f}s: {what}; {then}"
     return f"job {job_id} still {status} after {elapsed:.0f}s; {then}"
 

@@ -79,7 +79,8 @@ def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None)
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         # One worker inside the engine-core process (`worker_process: engine_core`): one process fewer.
-        distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 and cfg.worker_process == "engine_core" else None,
+        distributed_executor_backend=(
+            "uni" if cfg.tensor_parallel_size == 1 and cfg.worker_process == "engine_core" else None),
     )
     if cfg.quantization:
         kw["quantization"] = cfg.quantization

@@ -62,7 +62,8 @@ def format_table(r: dict) -> str:
     by = d.get("removed_by_reason", {})
     lines.append(f"{'dedup':<20}{r['documents_after_cleaning']:>10}{'':>10}{d.get('removed', 0):>10}  "
                  + ", ".join(f"{k}={v}" for k, v in by.items())
-                 + (f"; {d.get('clusters', 0)} clusters, sizes {d.get('cluster_size_histogram', {})}" if d.get("clusters") else ""))
+                 + (f"; {d.get('clusters', 0)} clusters, sizes {d.get('cluster_size_histogram', {})}"
+                    if d.get("clusters") else ""))
     t = r["throughput"]
     lines.append("docs/s: " + ", ".join(f"{k}={v}" for k, v in t.items() if v is not None))
     for e in r["errors"][:5]:

@@ -160,7 +160,8 @@ class CorpusConfig:
         check(self.exact_dup_rate + self.near_dup_rate + self.junk_rate < 0.9, "junk_rate",
               "exact_dup_rate + near_dup_rate + junk_rate must stay below 0.9")
         lo, hi = self.near_dup_jaccard
-        check(0.0 < lo <= hi < 1.0, "near_dup_jaccard", f"must satisfy 0 < low <= high < 1, got {self.near_dup_jaccard}")
+        check(0.0 < lo <= hi < 1.0, "near_dup_jaccard",
+              f"must satisfy 0 < low <= high < 1, got {self.near_dup_jaccard}")
         check(self.max_operand >= 1, "max_operand", "must be >= 1")
 
 

@@ -136,7 +136,8 @@ def hf_config(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase | None" = No
     )
 
 
-def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase | None" = None, seed: int = 0) -> "LlamaForCausalLM":
+def build_model(cfg: ModelConfig, tokenizer: "PreTrainedTokenizerBase | None" = None,
+                seed: int = 0) -> "LlamaForCausalLM":
     """A freshly initialised decoder: N(0, std) weights, residual projections scaled by 1/sqrt(2L)."""
     import torch
     from transformers import LlamaForCausalLM

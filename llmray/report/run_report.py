@@ -94,10 +94,12 @@ def write_report(paths, results: dict) -> Path:
                "Task accuracy is greedy; sampled accuracy is the mean correctness of k samples per prompt at "
                "temperature 1 (mean@k), the policy as RL samples and trains it; pass@k is the share of prompts "
                "with at least one correct sample.", "",
-               "| model after | held-out ppl | task accuracy (greedy) | sampled accuracy (mean@k) | pass@k | mean reward |",
+               "| model after | held-out ppl | task accuracy (greedy) | sampled accuracy (mean@k) "
+               "| pass@k | mean reward |",
                "|---|---|---|---|---|---|"]
         for s, r in evals:
-            md.append(f"| {s} | {r.get('heldout_ppl', '—')} | {r.get('task_accuracy', '—')} | {r.get('sampled_accuracy', '—')} "
+            md.append(f"| {s} | {r.get('heldout_ppl', '—')} | {r.get('task_accuracy', '—')} "
+                      f"| {r.get('sampled_accuracy', '—')} "
                       f"| {r.get('sampled_pass_at_k', '—')} | {r.get('task_mean_reward', '—')} |")
         md.append("")
     dropped = _flatten(results.get("clean-dedup", {}))
@@ -152,4 +154,5 @@ def _to_html(md_lines: list[str]) -> str:
     if in_table:
         body.append("</table>")
     style = "body{font-family:sans-serif;max-width:900px;margin:2em auto}td{border:1px solid #ccc;padding:4px}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>llmray run report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llmray run report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")

@@ -1,1 +1,2 @@
-"""Serving: an OpenAI-compatible HTTP API on Ray Serve around vLLM's async engine, plus quantization and speculative decoding."""
+"""Serving: an OpenAI-compatible HTTP API on Ray Serve around vLLM's async engine, plus quantization and
+speculative decoding."""

@@ -274,8 +274,9 @@ class LLMServer:
                         items = await anext(chunks)
                 except TimeoutError:
                     self._count(route, 504, "timeout")
-                    yield head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
-                                                  type="timeout_error", code="request_timeout").body()) + gen.sse("[DONE]")
+                    yield (head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
+                                                   type="timeout_error", code="request_timeout").body())
+                           + gen.sse("[DONE]"))
                     ok = True
                     return
                 parts = [head]

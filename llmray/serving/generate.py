@@ -40,7 +40,8 @@ def _sampling_params(req, max_tokens: int, logprobs: int | None, n: int):
     )
 
 
-def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, limits: LimitsConfig, field_name: str) -> int:
+def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, limits: LimitsConfig,
+                field_name: str) -> int:
     room = max_model_len - prompt_len
     if requested is None:
         return max(1, min(limits.default_max_tokens, room))
@@ -216,7 +217,8 @@ def completion_logprobs(entries, offset: int = 0) -> dict[str, Any]:
 
 def chat_logprobs(entries) -> dict[str, Any]:
     return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                         "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode())} for k, v in top.items()]}
+                         "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode())}
+                                          for k, v in top.items()]}
                         for t, lp, top in entries]}
 
 

@@ -17,22 +17,30 @@ class ServingMetrics:
         tpot = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
         L = ["model"]
         self.model = model
-        self.requests = Counter("llmray_requests", "HTTP requests by route and status", L + ["route", "status"], registry=r)
-        self.errors = Counter("llmray_request_errors", "Requests answered with an error, by type", L + ["route", "type"], registry=r)
-        self.rejected = Counter("llmray_rejected_requests", "Requests refused before the engine (queue full, draining)", L + ["reason"], registry=r)
+        self.requests = Counter("llmray_requests", "HTTP requests by route and status", L + ["route", "status"],
+                                registry=r)
+        self.errors = Counter("llmray_request_errors", "Requests answered with an error, by type",
+                              L + ["route", "type"], registry=r)
+        self.rejected = Counter("llmray_rejected_requests", "Requests refused before the engine (queue full, draining)",
+                                L + ["reason"], registry=r)
         self.ttft = Histogram("llmray_time_to_first_token_seconds", "Time to first token", L, buckets=lat, registry=r)
-        self.tpot = Histogram("llmray_time_per_output_token_seconds", "Mean time per output token after the first", L, buckets=tpot, registry=r)
-        self.e2e = Histogram("llmray_e2e_request_latency_seconds", "End-to-end request latency", L, buckets=lat, registry=r)
+        self.tpot = Histogram("llmray_time_per_output_token_seconds", "Mean time per output token after the first", L,
+                              buckets=tpot, registry=r)
+        self.e2e = Histogram("llmray_e2e_request_latency_seconds", "End-to-end request latency", L, buckets=lat,
+                             registry=r)
         self.prompt_tokens = Counter("llmray_prompt_tokens", "Prompt tokens processed", L, registry=r)
         self.generation_tokens = Counter("llmray_generation_tokens", "Tokens generated", L, registry=r)
-        self.tokens_per_s = Gauge("llmray_generation_tokens_per_second", "Generated tokens/s over the last 10 s", L, registry=r)
+        self.tokens_per_s = Gauge("llmray_generation_tokens_per_second", "Generated tokens/s over the last 10 s", L,
+                                  registry=r)
         self.in_flight = Gauge("llmray_requests_in_flight", "Requests admitted and not finished", L, registry=r)
         self.queue_length = Gauge("llmray_queue_length", "Admitted requests waiting for an engine slot", L, registry=r)
-        self.unfinished = Gauge("llmray_engine_unfinished_requests", "Requests the engine holds (running or waiting), read at scrape time", L, registry=r)
+        self.unfinished = Gauge("llmray_engine_unfinished_requests",
+                                "Requests the engine holds (running or waiting), read at scrape time", L, registry=r)
         self.running = Gauge("llmray_engine_running_requests", "Requests the engine is decoding", L, registry=r)
         self.spec_draft = Counter("llmray_spec_decode_draft_tokens", "Speculative tokens proposed", L, registry=r)
         self.spec_accepted = Counter("llmray_spec_decode_accepted_tokens", "Speculative tokens accepted", L, registry=r)
-        self.spec_rate = Gauge("llmray_spec_decode_acceptance_rate", "Accepted / proposed speculative tokens (cumulative)", L, registry=r)
+        self.spec_rate = Gauge("llmray_spec_decode_acceptance_rate",
+                               "Accepted / proposed speculative tokens (cumulative)", L, registry=r)
         self._window: deque[tuple[float, int]] = deque()
         self._window_sum = 0  # tokens in `_window`, kept as a running sum: O(1) per call
         self._drafted = self._accepted = 0

@@ -162,7 +162,8 @@ def start(cfg: ServeConfig) -> ServerHandle:
                 raise
             base = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}" if port else None
         try:
-            if base is not None and status is not None and status.status == "RUNNING" and httpx.get(base + "/ready", timeout=5).status_code == 200:
+            if (base is not None and status is not None and status.status == "RUNNING"
+                    and httpx.get(base + "/ready", timeout=5).status_code == 200):
                 break
         except httpx.HTTPError:
             pass

@@ -52,7 +52,8 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("corpus", "generate the synthetic corpus with ground-truth labels", "corpus", "corpus", "corpus"),
-        Stage("clean-dedup", "clean, filter and deduplicate documents with Ray Data", "clean_dedup", "clean", "dataset"),
+        Stage("clean-dedup", "clean, filter and deduplicate documents with Ray Data", "clean_dedup", "clean",
+              "dataset"),
         Stage("tokenizer", "train a byte-level BPE tokenizer with a chat template", "tokenizer", "tokenizer",
               "tokenizer"),
         Stage("pack", "tokenize documents and pack them into fixed-length training shards", "pack", "packed",

@@ -92,7 +92,8 @@ def run(cfg: CleanDedupConfig) -> dict:
     todo = [{"idx": i, "uri": f} for i, f in enumerate(files) if i not in done]
     log.info("clean-dedup: %d input files (%d already staged)", len(files), len(done))
     if todo:
-        _ray_map(todo, lambda r: {"idx": r["idx"], "ok": bool(sign_file(r["idx"], r["uri"], cfg, str(stage)))}, cfg, "sign")
+        _ray_map(todo, lambda r: {"idx": r["idx"], "ok": bool(sign_file(r["idx"], r["uri"], cfg, str(stage)))},
+                 cfg, "sign")
     per_file = [json.loads((stage / f"part-{i:05d}.json").read_text()) for i in range(len(files))]
     t_sign = time.monotonic() - t0
     errors = [e for s in per_file for e in s["errors"]]

@@ -61,7 +61,8 @@ def run(cfg: PackConfig) -> dict:
         shards.mkdir()
         items = [{"idx": i, "uri": f} for i, f in enumerate(files)]
         res = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map(lambda r: pack_file(r["idx"], r["uri"], cfg, str(shards), eos_token), num_cpus=cfg.num_cpus_per_task)
+               .map(lambda r: pack_file(r["idx"], r["uri"], cfg, str(shards), eos_token),
+                    num_cpus=cfg.num_cpus_per_task)
                .take_all())
         res.sort(key=lambda r: r["idx"])
         errors = [e for r in res for e in json.loads(r["errors"])]

@@ -251,7 +251,8 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths, stage_result: dict) -> d
     out: dict[str, Any] = {}
     try:
         loaded = evaluation.load(model_dir)
-        out["heldout_ppl"] = round(evaluation.perplexity(loaded, evaluation.heldout_documents(cfg.heldout_documents)), 3)
+        out["heldout_ppl"] = round(
+            evaluation.perplexity(loaded, evaluation.heldout_documents(cfg.heldout_documents)), 3)
         eval_rows = evaluation.read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)
         if "task_accuracy" in stage_result and (not cfg.sampled_k or "sampled_accuracy" in stage_result):
             eval_rows = []  # scored by the stage itself

@@ -104,7 +104,8 @@ def prepare(cfg: PretrainConfig):
     g = cfg.deepspeed.global_batch(cfg.scaling.num_workers)
     if info["rows"] < cfg.deepspeed.micro_batch_size * cfg.scaling.num_workers:
         raise UserError(f"dataset {cfg.dataset} has {info['rows']} sequences, fewer than one micro-batch round "
-                        f"(micro_batch_size x num_workers = {cfg.deepspeed.micro_batch_size * cfg.scaling.num_workers})")
+                        f"(micro_batch_size x num_workers = "
+                        f"{cfg.deepspeed.micro_batch_size * cfg.scaling.num_workers})")
     expect = {"model_shape": to_dict(shape)}
     check_resume(cfg, expect)
     check_memory(cfg, shape, seq_len)
@@ -121,8 +122,9 @@ def run(cfg: PretrainConfig) -> dict:
     ds = ordered_parquet([str(Path(f).resolve()) for f in info["files"]], info["columns"])
     task = CausalLMTask(tokenizer_dir=str(tok_dir), model=cfg.model, seed=cfg.seed)
     spec = loop_spec(cfg, task, shape, info["rows"], expect)
-    print(f"[llmray] pretrain: {info['rows']} sequences x {info['seq_len']} tokens, {shape.num_params() / 1e6:.2f}M params, "
-          f"global batch {g}, {cfg.max_steps} steps on {cfg.scaling.num_workers} workers (ZeRO-{cfg.deepspeed.zero_stage})",
+    print(f"[llmray] pretrain: {info['rows']} sequences x {info['seq_len']} tokens, "
+          f"{shape.num_params() / 1e6:.2f}M params, global batch {g}, {cfg.max_steps} steps "
+          f"on {cfg.scaling.num_workers} workers (ZeRO-{cfg.deepspeed.zero_stage})",
           flush=True)
     result = launch(cfg, spec, ds, "pretrain", ingest_cpus=1.0)  # the parquet read tasks
     return finish(cfg, "pretrain", to_dict(cfg), result, [cfg.dataset, str(tok_dir)],

@@ -68,7 +68,7 @@ def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
     eval_rows = fn(held, cfg.seq_len, tok.pad_token_id) if held else []
     stats = {"conversations": len(recs), "dropped_too_long": dropped, "train_rows": len(train_rows),
              "eval_rows": len(eval_rows),
-             "supervised_tokens": sum(sum(1 for l in lab if l != -100) for _, lab in train)}
+             "supervised_tokens": sum(sum(1 for label in lab if label != -100) for _, lab in train)}
     return train_rows, eval_rows, stats
 
 
@@ -83,7 +83,8 @@ def run(cfg: SFTConfig) -> dict:
     tok = load_tokenizer_checked(cfg.model, hf)
     shape = model_shape(hf)
     if cfg.seq_len > shape.max_position_embeddings:
-        raise UserError(f"seq_len {cfg.seq_len} exceeds the model context ({shape.max_position_embeddings} in {cfg.model})")
+        raise UserError(f"seq_len {cfg.seq_len} exceeds the model context "
+                        f"({shape.max_position_embeddings} in {cfg.model})")
     train_rows, eval_rows, stats = build_rows(cfg, tok)
     w = cfg.scaling.num_workers
     if len(train_rows) < cfg.deepspeed.micro_batch_size * w:

@@ -35,7 +35,8 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         floor = 256 + len(SPECIAL_TOKENS)
         check(self.vocab_size > floor, "vocab_size",
-              f"must exceed the {len(SPECIAL_TOKENS)} special tokens plus 256 byte symbols ({floor}), got {self.vocab_size}")
+              f"must exceed the {len(SPECIAL_TOKENS)} special tokens plus 256 byte symbols ({floor}), "
+              f"got {self.vocab_size}")
         check(self.max_documents >= 1, "max_documents", "must be >= 1")
 
 

@@ -113,9 +113,9 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
 def pad_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> list[dict[str, list[int]]]:
     """One example per row, right-padded (no packing)."""
     return [
-        {"input_ids": i + [pad_id] * (seq_len - len(i)), "labels": l + [IGNORE] * (seq_len - len(l)),
+        {"input_ids": i + [pad_id] * (seq_len - len(i)), "labels": lab + [IGNORE] * (seq_len - len(lab)),
          "position_ids": list(range(seq_len))}
-        for i, l in examples
+        for i, lab in examples
     ]
 
 

@@ -43,7 +43,8 @@ def setup_env() -> None:
     # reduce_scatter_tensor, and torch warned at every call: dozens of lines per run, nothing to act on.
     import warnings
 
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`"
+                                              r" is deprecated",
                             category=FutureWarning)
 
 

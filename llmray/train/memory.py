@@ -3,9 +3,10 @@
 Model states follow the seeds' bytes-per-parameter accounting (ZeRO paper): mixed-precision Adam is
 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, m, v) = 16 bytes per parameter; fp32 Adam is
 4 + 4 + 8 = 16 too. Measured on this machine, torch's foreach AdamW adds ~8 bytes per parameter of
-step() temporaries at the peak, counted with the optimizer (and offloaded with it). ZeRO-1 divides the optimizer part by the worker count, ZeRO-2 also the gradients,
-ZeRO-3 also the weights. Offload moves the optimizer states (and, at ZeRO-3, the weights) to host
-memory, which on a CPU-only machine is the same memory: there it is counted under `host_gb`.
+step() temporaries at the peak, counted with the optimizer (and offloaded with it). ZeRO-1 divides
+the optimizer part by the worker count, ZeRO-2 also the gradients, ZeRO-3 also the weights. Offload
+moves the optimizer states (and, at ZeRO-3, the weights) to host memory, which on a CPU-only machine
+is the same memory: there it is counted under `host_gb`.
 Activations per layer per token use the Megatron estimate (34·h + 5·a·s bytes at 16 bits, doubled
 for fp32; ~2·h with activation checkpointing, plus one layer recomputed), plus the logits and their
 gradient. A fixed runtime overhead (CUDA context ~1.3 GB per the seeds; torch + DeepSpeed + Ray
@@ -101,7 +102,8 @@ def estimate(
 
 
 def activations_bytes(shape: ModelShape, ds: DeepSpeedConfig, seq_len: int) -> float:
-    b, s, h, a, L, v = ds.micro_batch_size, seq_len, shape.hidden_size, shape.num_heads, shape.num_layers, shape.vocab_size
+    b, s, h, a, L, v = (ds.micro_batch_size, seq_len, shape.hidden_size, shape.num_heads, shape.num_layers,
+                        shape.vocab_size)
     scale = 1.0 if ds.precision == "bf16" else 2.0  # the formula counts 16-bit activations
     # SwiGLU's three intermediate projections instead of GPT's 4h MLP: scale the MLP part (19 of the 34).
     mlp_ratio = (3 * shape.intermediate_size) / (4 * h * 2)
@@ -123,7 +125,8 @@ def check_budget(est: MemoryEstimate, budget_gb: float | None, ds: DeepSpeedConf
         if not ds.activation_checkpointing:
             hints.append("deepspeed.activation_checkpointing=true")
         if ds.micro_batch_size > 1:
-            hints.append(f"a smaller deepspeed.micro_batch_size (now {ds.micro_batch_size}; raise grad_accum_steps to keep the batch)")
+            hints.append(f"a smaller deepspeed.micro_batch_size (now {ds.micro_batch_size}; "
+                         f"raise grad_accum_steps to keep the batch)")
     if ds.zero_stage < 3:
         hints.append(f"deepspeed.zero_stage={ds.zero_stage + 1}")
     elif not ds.offload_optimizer:

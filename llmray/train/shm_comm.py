@@ -109,7 +109,8 @@ def install() -> bool:
     def is_sum(op: Any) -> bool:
         return backend._reduce_op(op) == dist.ReduceOp.SUM
 
-    orig_reduce, orig_gather, orig_scatter = backend.all_reduce, backend.all_gather_into_tensor, backend.reduce_scatter_tensor
+    orig_reduce, orig_gather, orig_scatter = (backend.all_reduce, backend.all_gather_into_tensor,
+                                              backend.reduce_scatter_tensor)
 
     def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if not (usable(tensor, group) and is_sum(op)):

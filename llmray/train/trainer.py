@@ -63,7 +63,8 @@ class TrainRunConfig:
     peak_flops_per_worker: float = 1.0e12
     """Peak FLOP/s of one worker, for MFU (e.g. 312e12 for an A100 in bf16; ~1e12 for 2 AVX-512 cores)."""
     memory_budget_gb: float | None = None
-    """Refuse to start when the estimated memory per worker exceeds this; default: RAM / workers on CPU, device memory on GPU."""
+    """Refuse to start when the estimated memory per worker exceeds this; default: RAM / workers on CPU,
+    device memory on GPU."""
     max_failures: int = 1
     """Worker-group restarts Ray Train may do (each resumes from the newest complete checkpoint)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -184,7 +185,8 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
         log.info("%s: dropped Ray Train's checkpoint record of an earlier attempt; resuming from our own", name)
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if sc.use_gpu else "gloo")
     env = {"OMP_NUM_THREADS": str(sc.threads_per_worker), "DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))}
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.cwd() / ".cache" / "torch_extensions"))}
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
     # Progress is the step log. Ray Data's bars for the workers' reads were never closed when the
     # workers exited, so the driver kept redrawing them through every later stage's output. Off in
@@ -197,7 +199,8 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
             train_loop_config={"spec": spec, "env": env},
             torch_config=TorchConfig(backend=backend),
             scaling_config=RayScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                      resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+                                      resources_per_worker={"CPU": sc.cpus_per_worker,
+                                                            **({"GPU": 1} if sc.use_gpu else {})}),
             run_config=RunConfig(
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),
@@ -304,7 +307,8 @@ def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str,
         first, final = train_rows[0], train_rows[-1]
         metrics.update({
             "first_loss": first.get("train/loss"), "final_loss": final.get("train/loss"),
-            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train_rows[1:] or train_rows) / max(1, len(train_rows[1:] or train_rows)),
+            "mean_tokens_per_s": (sum(r["tokens_per_s"] for r in train_rows[1:] or train_rows)
+                                  / max(1, len(train_rows[1:] or train_rows))),
             "peak_rss_gb": max(r.get("memory/peak_rss_gb", 0.0) for r in train_rows),
         })
     metrics.update(extra_metrics or {})
@@ -314,5 +318,6 @@ def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str,
         for f in export.iterdir():
             shutil.copy2(f, tmp / f.name)
         artifacts.write_manifest(tmp, "model", f"llmray.{stage}", config_dict, metrics, usable_inputs)
-    out = {"output": cfg.output, "run_dir": str(run_dir), **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+    out = {"output": cfg.output, "run_dir": str(run_dir),
+           **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
     return out

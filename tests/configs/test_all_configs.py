@@ -110,4 +110,5 @@ def test_serve_app_config_is_valid(path: Path):
         assert hasattr(mod, attr), f"{path.name}: {module} has no {attr!r} (import_path of {app.name!r})"
         wd = (app.runtime_env or {}).get("working_dir")
         if wd and "://" not in wd:
-            assert (path.parent / wd).resolve().is_dir() or (ROOT / wd).is_dir(), f"{path.name}: working_dir {wd} missing"
+            assert (path.parent / wd).resolve().is_dir() or (ROOT / wd).is_dir(), \
+                f"{path.name}: working_dir {wd} missing"

@@ -105,10 +105,10 @@ def test_steps_against_corpus_labels():
         labels[doc["id"]] = label
     out, counts = run_steps(build_steps(CleanConfig()), batch)
     kept = set(out["id"])
-    junk = {i for i, l in labels.items() if l["drop"] == "clean"}
+    junk = {i for i, label in labels.items() if label["drop"] == "clean"}
     assert len(junk) > 100
     assert not (junk & kept), "junk survived cleaning"
     assert len(kept) == len(labels) - len(junk)
-    pii = sum(1 for l in labels.values() if l["defect"] == "pii")
+    pii = sum(1 for label in labels.values() if label["defect"] == "pii")
     assert counts["pii/emails"] == counts["pii/phones"] == counts["pii/ips"] == pii
     assert not any("@example.com" in t for t in out["text"])

@@ -102,6 +102,7 @@ def lint_text(text: str) -> list[str]:
     """Catch-all: any dashboard/Jobs API/ray-client setting bound to all interfaces."""
     problems = []
     for i, line in enumerate(text.splitlines(), 1):
-        if re.search(r"(dashboard[-_]host|RAY_DASHBOARD_HOST|ray[-_]client[-_]server[-_]host)\W+['\"]?(0\.0\.0\.0|::)", line):
+        if re.search(r"(dashboard[-_]host|RAY_DASHBOARD_HOST|ray[-_]client[-_]server[-_]host)"
+                     r"\W+['\"]?(0\.0\.0\.0|::)", line):
             problems.append(f"line {i}: {line.strip()}")
     return problems

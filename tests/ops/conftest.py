@@ -123,8 +123,9 @@ class LocalRayCluster:
 
     def _start(self, args: list[str], name: str) -> None:
         nm, om, agent, agent_grpc, rt_agent, metrics = free_ports(6)
-        cmd = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
-               "--object-store-memory=100000000", f"--temp-dir={self.root / ('ray-' + name.split('-')[0])}", "--disable-usage-stats",
+        cmd = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={self.num_cpus}", "--object-store-memory=100000000",
+               f"--temp-dir={self.root / ('ray-' + name.split('-')[0])}", "--disable-usage-stats",
                f"--node-manager-port={nm}", f"--object-manager-port={om}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}", *args]

@@ -123,7 +123,8 @@ def test_rayservice_serves_a_valid_autoscaling_app():
         module, attr = app.import_path.split(":")
         assert hasattr(importlib.import_module(module), attr), app.import_path
         assert app.args["model"].startswith("/mnt/shared/")
-        assert app.args["deployment"]["autoscaling"]["max_replicas"] > app.args["deployment"]["autoscaling"]["min_replicas"]
+        assert (app.args["deployment"]["autoscaling"]["max_replicas"]
+                > app.args["deployment"]["autoscaling"]["min_replicas"])
     spec = doc["spec"]["rayClusterConfig"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "$(MY_POD_IP)"  # the operator must reach it
@@ -253,7 +254,8 @@ def test_lint_catches_an_exposed_dashboard_and_missing_auth():
     doc["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
     problems = cluster_lint.lint_kuberay(doc)
     assert len(problems) == 3, problems
-    assert cluster_lint.lint_text("rayStartParams:\n  dashboard-host: '0.0.0.0'\n") == ["line 2: dashboard-host: '0.0.0.0'"]
+    assert cluster_lint.lint_text("rayStartParams:\n  dashboard-host: '0.0.0.0'\n") == [
+        "line 2: dashboard-host: '0.0.0.0'"]
 
 
 # --- everything that names a job script or config names an existing one -----------------------

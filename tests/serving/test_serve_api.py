@@ -40,7 +40,8 @@ BAD = [
     ("prompt_wrong_type", "completions", {"prompt": 123}, 400, "prompt"),
     ("max_tokens_string", "completions", {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
     ("max_tokens_zero", "completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens_negative", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 400, "max_tokens"),
+    ("max_tokens_negative", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -3},
+     400, "max_tokens"),
     ("max_tokens_beyond_context", "completions", {"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("prompt_beyond_context", "completions", {"prompt": LONG, "max_tokens": 4}, 400, "prompt"),
     ("chat_beyond_context", "chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
@@ -48,13 +49,15 @@ BAD = [
     ("unknown_model", "completions", {"model": "gpt-17", "prompt": "hi"}, 404, "model"),
     ("n_beyond_limit", "completions", {"prompt": "hi", "n": 100, "temperature": 1}, 400, "n"),
     ("logprobs_beyond_limit", "completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
-    ("top_logprobs_beyond_limit", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+    ("top_logprobs_beyond_limit", "chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
     ("temperature_out_of_range", "completions", {"prompt": "hi", "temperature": 5}, 400, "temperature"),
     ("top_p_zero", "completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("too_many_stops", "completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("stream_wrong_type", "completions", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("oversized_body", "completions", {"prompt": "x" * 70000}, 413, None),
-    ("bad_timeout_header", "completions", {"prompt": "hi", "max_tokens": 2, "_header": "abc"}, 400, "X-Request-Timeout"),
+    ("bad_timeout_header", "completions", {"prompt": "hi", "max_tokens": 2, "_header": "abc"}, 400,
+     "X-Request-Timeout"),
 ]
 
 
@@ -66,7 +69,8 @@ def test_bad_input_gets_4xx_naming_the_field(server, headers, case):
         body = dict(body)
         h["X-Request-Timeout"] = body.pop("_header")
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(f"{server.url}/{route}", headers={**h, "Content-Type": "application/json"}, content=content, timeout=60)
+    r = httpx.post(f"{server.url}/{route}", headers={**h, "Content-Type": "application/json"}, content=content,
+                   timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param, err
@@ -105,7 +109,8 @@ def test_official_openai_client_works_unchanged(server):
         text += chunk.choices[0].text
         n_chunks += 1
     assert n_chunks >= 2 and text
-    ref = client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    ref = client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
     assert text == ref.choices[0].text  # streamed deltas add up to the non-streamed text
 
     parts, usage = [], None
@@ -150,7 +155,8 @@ def test_raw_sse_stream_ends_with_done_and_counts_tokens(server, headers):
 def test_echo_with_logprobs_scores_the_prompt(server, headers):
     """What lm-eval's local-completions does for loglikelihood tasks."""
     r = httpx.post(server.url + "/completions", headers=headers, timeout=60,
-                   json={"prompt": "the quick brown fox", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0})
+                   json={"prompt": "the quick brown fox", "max_tokens": 1, "echo": True, "logprobs": 1,
+                         "temperature": 0})
     assert r.status_code == 200, r.text
     ch = r.json()["choices"][0]
     prompt_tokens = r.json()["usage"]["prompt_tokens"]

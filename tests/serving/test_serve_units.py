@@ -102,7 +102,8 @@ def test_engine_kwargs_and_speculative_config(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="speculative.draft_model"):
         build(EngineConfig, {"speculative": {"method": "draft"}})
     with pytest.raises(UserError, match="draft_model"):
-        engine_kwargs(str(tiny_model_dir), build(EngineConfig, {"speculative": {"method": "draft", "draft_model": str(tmp_path)}}))
+        engine_kwargs(str(tiny_model_dir),
+                      build(EngineConfig, {"speculative": {"method": "draft", "draft_model": str(tmp_path)}}))
 
 
 def test_worker_process_sets_vllm_layout(tiny_model_dir):
@@ -262,7 +263,8 @@ def test_shipped_serving_configs_load():
 
     for path in serve_yamls:
         data = yaml.safe_load(path.read_text())
-        schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+        schema = (ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate")
+                  else ServeDeploySchema.parse_obj(data))
         for app in schema.applications:
             assert app.import_path == "llmray.serving.app:app_builder"
             cfg = build(ServeConfig, app.args)

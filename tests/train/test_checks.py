@@ -32,7 +32,8 @@ def test_ds_config_reduces_whole_buckets_on_shared_memory_at_zero_1_and_2():
     from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig, ds_config
 
     def rs(shm: bool, **kw) -> bool:
-        return ds_config(DeepSpeedConfig(**kw), OptimizerConfig(), world_size=2, shm=shm)["zero_optimization"]["reduce_scatter"]
+        cfg = ds_config(DeepSpeedConfig(**kw), OptimizerConfig(), world_size=2, shm=shm)
+        return cfg["zero_optimization"]["reduce_scatter"]
 
     assert not rs(True, zero_stage=1) and not rs(True, zero_stage=2)
     assert rs(False, zero_stage=1) and rs(False, zero_stage=2)  # gloo / nccl: DeepSpeed's default
@@ -128,8 +129,10 @@ def test_memory_estimate_follows_zero_accounting():
     e3 = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16"), 2048, 8, on_gpu=True)
     assert e3.weights_gb == pytest.approx(e0.weights_gb / 8) and e3.grads_gb == pytest.approx(e0.grads_gb / 8)
     off = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer=True), 2048, 8, on_gpu=True)
-    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb) and off.host_gb == pytest.approx(e3.optimizer_gb)
-    ck = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", activation_checkpointing=True), 2048, 8, on_gpu=True)
+    assert off.device_gb == pytest.approx(e3.device_gb - e3.optimizer_gb) \
+        and off.host_gb == pytest.approx(e3.optimizer_gb)
+    ck = estimate(shape, DeepSpeedConfig(zero_stage=3, precision="bf16", activation_checkpointing=True), 2048, 8,
+                  on_gpu=True)
     assert ck.activations_gb < e3.activations_gb / 5
 
 

@@ -79,8 +79,9 @@ def test_reward_model_pairwise_training(ray_cluster, tiny_model_dir, pref_file, 
     from llmray.train.reward_model import load_reward_model
 
     cfg = load(RewardModelConfig, None, [f"model={tiny_model_dir}", f"data={pref_file}", "seq_len=96", "max_steps=20",
-                                         "deepspeed.micro_batch_size=8", "optimizer.lr=2e-3", "optimizer.warmup_steps=2",
-                                         "margin=0.0", "eval_fraction=0.17", *_common(tmp_path, "rm")])
+                                         "deepspeed.micro_batch_size=8", "optimizer.lr=2e-3",
+                                         "optimizer.warmup_steps=2", "margin=0.0", "eval_fraction=0.17",
+                                         *_common(tmp_path, "rm")])
     out = run(cfg)
     rows = _rows(tmp_path / "rm")
     first = sum(r["train/loss"] for r in rows[:4]) / 4

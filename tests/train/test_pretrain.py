@@ -16,7 +16,8 @@ from helpers import read_rows
 
 # ZeRO-2's loss is checked on the killed-worker run (one Train run for both).
 STAGES = {"zero1": ["deepspeed.zero_stage=1"], "zero3": ["deepspeed.zero_stage=3"],
-          "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]}
+          "zero3_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                            "deepspeed.offload_params=true"]}
 STEPS = 12
 _RUNS: dict[str, dict] = {}
 
@@ -125,7 +126,8 @@ def _expected_checksums(dataset: Path, steps: int, chunk: int) -> dict[int, floa
     return {s: float(sums[(s - 1) % per_epoch]) for s in range(1, steps + 1)}
 
 
-def test_zero2_loss_decreases_and_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root, packed_dataset):
+def test_zero2_loss_decreases_and_killed_worker_resumes_from_last_complete_checkpoint(ray_cluster, root,
+                                                                                      packed_dataset):
     """ZeRO-2 with max_failures=1: rank 1's process is killed after step 13 (checkpoint at 10); the run
     restarts from step 10, replays 11-13 on the same rows, finishes at 30, and its loss fell."""
     from llmray.config import replace

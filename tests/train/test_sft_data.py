@@ -44,8 +44,8 @@ def test_labels_only_on_assistant_tokens(tok):
     msgs = _chats(2)[1]
     ids, labels = encode_chat(tok, msgs)
     assert len(ids) == len(labels)
-    supervised = [t for t, l in zip(ids, labels) if l != IGNORE]
-    assert all(l in (IGNORE, t) for t, l in zip(ids, labels))
+    supervised = [t for t, label in zip(ids, labels) if label != IGNORE]
+    assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
     # Exactly the two assistant answers, each closed by EOS, carry labels.
     text = tok.decode(supervised)
     answers = [m["content"] for m in msgs if m["role"] == "assistant"]
@@ -53,7 +53,7 @@ def test_labels_only_on_assistant_tokens(tok):
     assert supervised.count(tok.eos_token_id) == 2
     # Prompt tokens (user text, role headers) carry none.
     n_user = len(tok.apply_chat_template([m for m in msgs[:1]], tokenize=True))
-    assert all(l == IGNORE for l in labels[:n_user])
+    assert all(label == IGNORE for label in labels[:n_user])
 
 
 def test_masked_positions_get_no_gradient(tok, model):

@@ -116,7 +116,8 @@ def find_duplicates(staged: list[str], out_dir: Path, p: int, use_exact: bool, u
         "removed_by_reason": dict(reasons),
         "clusters": len(sizes),
         "cluster_size_histogram": {str(k): v for k, v in sorted(hist.items())},
-        "largest_clusters": [{"survivor": k, "size": v} for k, v in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]],
+        "largest_clusters": [{"survivor": k, "size": v}
+                             for k, v in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]],
         "buckets_with_duplicates": sum(s["buckets"] for s in bucket_stats),
         "max_bucket_size": max((s["max_bucket"] for s in bucket_stats), default=0),
         "candidate_edges": sum(s["edges"] for s in bucket_stats),

@@ -49,7 +49,8 @@ def key_rows(ids: list[str], exact: np.ndarray | None, bands: np.ndarray | None)
         keys.append(bands.reshape(-1).astype(np.uint64))
         idcol.append(np.repeat(np.arange(n), b))
     if not keys:
-        return pa.table({"kind": pa.array([], pa.int8()), "key": pa.array([], pa.uint64()), "id": pa.array([], pa.string())})
+        return pa.table({"kind": pa.array([], pa.int8()), "key": pa.array([], pa.uint64()),
+                         "id": pa.array([], pa.string())})
     take = np.concatenate(idcol)
     return pa.table({"kind": np.concatenate(kinds), "key": np.concatenate(keys),
                      "id": pa.array(ids, pa.string()).take(pa.array(take))})

@@ -22,7 +22,8 @@ class C4Filter(Filter):
     def __init__(self, min_words_per_line: int = 3, min_num_sentences: int = 5, max_word_length: int = 1000,
                  filter_lorem_ipsum: bool = True, filter_curly_bracket: bool = True,
                  filter_javascript: bool = True, filter_policy: bool = True, remove_citations: bool = True):
-        self.min_words_per_line, self.min_num_sentences, self.max_word_length = min_words_per_line, min_num_sentences, max_word_length
+        self.min_words_per_line, self.min_num_sentences, self.max_word_length = (
+            min_words_per_line, min_num_sentences, max_word_length)
         self.lorem, self.curly, self.js, self.policy, self.citations = (
             filter_lorem_ipsum, filter_curly_bracket, filter_javascript, filter_policy, remove_citations)
 

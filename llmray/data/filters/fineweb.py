@@ -13,7 +13,8 @@ class FineWebFilter(Filter):
 
     def __init__(self, line_punct_thr: float = 0.12, short_line_thr: float = 0.67, short_line_length: int = 30,
                  char_duplicates_ratio: float = 0.01, new_line_ratio: float = 0.3):
-        self.line_punct_thr, self.short_line_thr, self.short_line_length = line_punct_thr, short_line_thr, short_line_length
+        self.line_punct_thr, self.short_line_thr, self.short_line_length = (
+            line_punct_thr, short_line_thr, short_line_length)
         self.char_duplicates_ratio, self.new_line_ratio = char_duplicates_ratio, new_line_ratio
 
     def reject(self, text: str) -> str | None:

@@ -24,7 +24,8 @@ class GopherQualityFilter(Filter):
                  min_alpha_words_ratio: float = 0.8, min_stop_words: int = 2):
         self.min_doc_words, self.max_doc_words = min_doc_words, max_doc_words
         self.min_avg, self.max_avg = min_avg_word_length, max_avg_word_length
-        self.max_symbol, self.max_bullet, self.max_ellipsis = max_symbol_word_ratio, max_bullet_lines_ratio, max_ellipsis_lines_ratio
+        self.max_symbol, self.max_bullet, self.max_ellipsis = (
+            max_symbol_word_ratio, max_bullet_lines_ratio, max_ellipsis_lines_ratio)
         self.min_alpha, self.min_stop = min_alpha_words_ratio, min_stop_words
 
     def reject(self, text: str) -> str | None:
