@@ -295,7 +295,7 @@ class RLRun:
         t = time.monotonic()
         sampling = {"n": c.algo.n_samples, "temperature": c.rollout.temperature, "top_p": c.rollout.top_p,
                     "max_tokens": c.rollout.max_tokens, "seed": c.seed * 100003 + step}
-        rollouts = call_with_restart(g["rollout"], "generate", prompt_ids, sampling,
+        rollouts = call_with_restart(g["rollout"].generate, prompt_ids, sampling,
                                      on_restart=self._on_rollout_restart, max_restarts=c.rollout.max_restarts)
         times["time/generation_s"] = time.monotonic() - t
         batch = RLBatch.from_rollouts(rollouts, answers, pad_id=self.pad_id)
@@ -306,12 +306,12 @@ class RLRun:
         t = time.monotonic()
         busy = 1 + (not fused) + c.algo.uses_critic + (c.reward.kind != "rule")  # ref, actor, critic, reward model
         th = phase_threads(_thread_budget(c), busy)
-        pending = {"reward": g["reward"].submit("score", batch, threads=th),
-                   "ref": g["ref"].submit("log_probs", batch, threads=th)}
+        pending = {"reward": g["reward"].score.submit(batch, threads=th),
+                   "ref": g["ref"].log_probs.submit(batch, threads=th)}
         if not fused:
-            pending["actor"] = g["actor"].submit("log_probs", batch, threads=th)
+            pending["actor"] = g["actor"].log_probs.submit(batch, threads=th)
         if c.algo.uses_critic:
-            pending["critic"] = g["critic"].submit("values", batch, threads=th)
+            pending["critic"] = g["critic"].values.submit(batch, threads=th)
         got = {}
         for role, p in pending.items():
             try:
@@ -319,8 +319,8 @@ class RLRun:
             except WorkerDiedError:
                 if role not in ("reward", "ref"):
                     raise
-                method = {"reward": "score", "ref": "log_probs"}[role]
-                got[role] = call_with_restart(g[role], method, batch, max_restarts=c.fault.max_trainer_restarts,
+                method = g["reward"].score if role == "reward" else g["ref"].log_probs
+                got[role] = call_with_restart(method, batch, max_restarts=c.fault.max_trainer_restarts,
                                               on_restart=lambda grp, ranks, r=role: [self.log_restart(r, k, "died") for k in ranks])
         times["time/scoring_s"] = time.monotonic() - t
         batch = batch.replace(scores=got["reward"].scores, correct=got["reward"].correct,
@@ -337,10 +337,10 @@ class RLRun:
                 "ptx_coef": c.algo.ptx_coef, "temperature": c.rollout.temperature, "seed": c.seed + step,
                 "on_policy": fused}
         th = phase_threads(_thread_budget(c), 1 + c.algo.uses_critic)
-        pending = {"actor": g["actor"].submit("update", batch, spec, ptx_ids=ptx_ids, threads=th)}
+        pending = {"actor": g["actor"].update.submit(batch, spec, ptx_ids=ptx_ids, threads=th)}
         if c.algo.uses_critic:
-            pending["critic"] = g["critic"].submit(
-                "update", batch, c.algo.epochs, c.algo.minibatch_size // c.critic.num_workers, c.algo.value_clip,
+            pending["critic"] = g["critic"].update.submit(
+                batch, c.algo.epochs, c.algo.minibatch_size // c.critic.num_workers, c.algo.value_clip,
                 seed=c.seed + step, threads=th)
         results = {role: p.result() for role, p in pending.items()}
         times["time/training_s"] = time.monotonic() - t
@@ -401,7 +401,7 @@ class RLRun:
         """Decoded responses from the rollout engines (n per prompt, consecutive), current weights."""
         from llmray.rl.worker_group import call_with_restart
 
-        outs = call_with_restart(self.groups["rollout"], "generate", prompt_ids, sampling,
+        outs = call_with_restart(self.groups["rollout"].generate, prompt_ids, sampling,
                                  on_restart=self._on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
         return [tokenizer.decode(o["response_ids"], skip_special_tokens=True) for o in outs]
 
