@@ -171,6 +171,8 @@ class WorkerGroup:
         self.restarts: list[dict] = []
         self._own_pg = placement_group is None
         if placement_group is None:
+            from llmray.rl.groups import make_placement_group
+
             placement_group = make_placement_group([self.resources] * num_workers, timeout_s=start_timeout_s,
                                                    what=f"{role} worker group")
             bundle_indices = list(range(num_workers))
@@ -372,39 +374,6 @@ class WorkerGroup:
 
     def __repr__(self) -> str:
         return f"WorkerGroup({self.role!r}, {self.worker_cls.__name__}, num_workers={self.num_workers})"
-
-
-def make_placement_group(bundles: list[dict], strategy: str = "PACK", timeout_s: float = 120.0,
-                         what: str = "placement group"):
-    """A ready placement group, or an error naming the missing resource instead of hanging.
-
-    Bundles are checked against the cluster's total resources first (with the wait of
-    `llmray.cluster.require_resources`, so an autoscaler can add nodes), then the group must
-    become ready within `timeout_s` (it may wait for other jobs to free resources).
-    """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from llmray.cluster import require_resources
-
-    needed: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            needed[k] = needed.get(k, 0.0) + float(v)
-    if strategy in ("STRICT_PACK",):
-        pass  # one node must hold all: checked by the readiness wait below
-    require_resources(needed, what, timeout_s)
-    pg = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        free = ray.available_resources()
-        remove_placement_group(pg)
-        have = ", ".join(f"{k}={free.get(k, 0):g}" for k in needed)
-        raise WorkerStartError(
-            f"{what}: placement group {bundles} ({strategy}) not placed within {timeout_s:.0f}s; "
-            f"free now: {have}. Other groups hold the resources, or no node fits a bundle",
-            what, None, [])
-    return pg
 
 
 def call_with_restart(method: GroupMethod, *args, on_restart: Callable[[WorkerGroup, list[int]], Any] | None = None,

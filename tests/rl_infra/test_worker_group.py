@@ -12,8 +12,9 @@ import pytest
 import ray
 
 from llmray.rl.dispatch import register
+from llmray.rl.groups import make_placement_group
 from llmray.rl.worker_group import (WorkerDiedError, WorkerGroup, WorkerStartError, WorkerTimeoutError,
-                                    call_with_restart, make_placement_group)
+                                    call_with_restart)
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel by value
 
@@ -130,7 +131,7 @@ def test_call_threads_apply_to_that_call_only(group):
 
 
 def test_phase_threads_split_the_cores():
-    from llmray.rl.controller import phase_threads
+    from llmray.rl.groups import phase_threads
 
     assert phase_threads(8, 1) == 8 and phase_threads(8, 3) == 2 and phase_threads(2, 4) == 1
     assert phase_threads(2, 0) == 2
