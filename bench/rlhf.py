@@ -132,7 +132,8 @@ def ppo_step_phases(model_dir: Path, corpus: Path, work: Path, steps: int, max_t
     (step 1 includes first-call warm-ups)."""
     from llmray.config import load
     from llmray.report.metrics import read_metrics
-    from llmray.rl.controller import RLConfig, run
+    from llmray.rl.config import RLConfig
+    from llmray.stages.ppo import run
 
     run_dir = work / "ppo_run"
     import shutil

@@ -118,7 +118,8 @@ def run_llmray(sft: Path, prompts: Path, work: Path, a) -> dict:
     from llmray.cluster import RayConfig, init_ray
     from llmray.config import load
     from llmray.report.metrics import read_metrics
-    from llmray.rl.controller import RLConfig, run
+    from llmray.rl.config import RLConfig
+    from llmray.stages.ppo import run
 
     init_ray(RayConfig(num_cpus=4))
     run_dir = work / "llmray_run"

@@ -70,13 +70,6 @@ class WeightLoader:
         return {"checksum": digest, "num_tensors": len(tensors),
                 "bytes": sum(t.numel() * t.element_size() for _, t in tensors)}
 
-    def llmray_reload_from_dir(self, weights_path: str) -> bool:
-        """Reload every weight from a saved HF directory (safetensors)."""
-        self.reload_weights(weights_path=weights_path)
-        model = self.model_runner.get_model()
-        _refresh_tied(model, {name for name, _ in model.named_parameters()})
-        return True
-
 
 def _to_engine_dtype(items: list, dtype) -> list:
     """Cast floating tensors to the engine's dtype (fp32 actor -> bf16 engine): vLLM's loader would

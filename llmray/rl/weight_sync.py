@@ -9,7 +9,7 @@ Actor side (inside the RL actor worker, weights in HF naming, gathered from ZeRO
 Controller side:
 
     sync = WeightSync(bucket_mb=64, timeout_s=60)
-    metrics = sync.push(actor_group.call("weight_refs", dispatch="rank0"), rollout_group)
+    metrics = sync.push(actor_group.weight_refs(64)[0], rollout_group)   # rank 0 puts the buckets
     # or, with tensors in the driver: sync.push(model.named_parameters(), rollout_group)
     # metrics: {"weight_sync/sync_s", "weight_sync/bytes", "weight_sync/buckets", "weight_sync/tensors"}
 
@@ -199,7 +199,7 @@ class WeightSync:
                     f"{got}, actor sent {items[b_idx].checksum}")
         left = max(1.0, deadline - time.monotonic())
         for r in ranks:
-            rollout_group.call_rank(r, "reset_prefix_cache", timeout_s=left)
+            rollout_group.reset_prefix_cache.on_rank(r, timeout_s=left)
         self.pushes += 1
         self.last = items
         return {
@@ -212,7 +212,7 @@ class WeightSync:
 
     def resync(self, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
         """Push the last pushed buckets again to `ranks` (default: all), e.g. after a rollout engine
-        restart: `call_with_restart(group, "generate", ..., on_restart=lambda g, r: sync.resync(g, r))`."""
+        restart: `call_with_restart(group.generate, ..., on_restart=lambda g, r: sync.resync(g, r))`."""
         if self.last is None:
             return {}
         return self.push(self.last, rollout_group, ranks=ranks)
@@ -243,15 +243,15 @@ class NcclTransport:
         world = 1 + rollout_group.num_workers * tp_size
         engines = [rollout_group.actors[r].call.remote("nccl_init", (address, port, 1 + r * tp_size, world), {})
                    for r in range(rollout_group.num_workers)]
-        actor_group.call("nccl_open", address, port, world, timeout_s=timeout_s)
+        actor_group.nccl_open(address, port, world, timeout_s=timeout_s)
         ray.get(engines, timeout=timeout_s)
 
     def push(self, bucket_mb: float = 64) -> dict:
         import ray
 
         t0 = time.monotonic()
-        plan = self.actor_group.call("nccl_plan", bucket_mb, dispatch="rank0", timeout_s=self.timeout_s)
-        sent = self.actor_group.submit("nccl_send", bucket_mb, timeout_s=self.timeout_s)
+        plan = self.actor_group.nccl_plan(bucket_mb, dispatch="rank0", timeout_s=self.timeout_s)
+        sent = self.actor_group.nccl_send.submit(bucket_mb, timeout_s=self.timeout_s)
         loads = [[g.call.remote("nccl_receive", (meta,), {}) for g in self.rollout_group.actors] for meta, _ in plan]
         sent.result()
         try:
@@ -265,7 +265,7 @@ class NcclTransport:
                 if reports[i * n + r]["checksum"] != digest:
                     raise WeightSyncError(f"weight sync: checksum mismatch on {self.rollout_group.role} rank {r}, "
                                           f"bucket {i}")
-        self.rollout_group.call("reset_prefix_cache", dispatch="broadcast", timeout_s=self.timeout_s)
+        self.rollout_group.reset_prefix_cache(dispatch="broadcast", timeout_s=self.timeout_s)
         return {"weight_sync/sync_s": time.monotonic() - t0, "weight_sync/buckets": len(plan),
                 "weight_sync/bytes": sum(r["bytes"] for r in reports[::n]), "weight_sync/engines": n}
 

@@ -4,8 +4,9 @@ per-call timeouts, liveness checks and restart of a dead rank.
     group = WorkerGroup("rollout", RolloutWorker, num_workers=2, resources={"CPU": 1},
                         init_kwargs={"model_dir": d, "max_model_len": 512})
     samples = group.generate(prompt_ids, sampling)     # dispatched as RolloutWorker declares (split)
-    group.call("load_weights", bucket, timeout_s=30)   # explicit form, optional dispatch override
-    pending = group.submit("generate", prompt_ids, sampling); ...; samples = pending.result()
+    pending = group.generate.submit(prompt_ids, sampling, threads=2); ...; samples = pending.result()
+    group.load_weights(bucket, dispatch="broadcast", timeout_s=30)   # optional overrides
+    group.reset_prefix_cache.on_rank(1)                # one rank only
     group.alive(); group.pids(); group.restart(1, cause="..."); group.shutdown()
 
 Each worker instance lives inside a small host actor. The host is created first; then rank 0
@@ -16,7 +17,7 @@ Liveness pings and pid queries run in a separate concurrency group, so they answ
 call (generation, a training step) is running; worker methods still run one at a time.
 
 Worker methods named like a group attribute (`call`, `submit`, `alive`, `restart`, `shutdown`,
-`pids`, `role`, ...) are reached with `group.call("name", ...)`.
+`pids`, `role`, ...) are reached with `group.call("name", ...)` / `group.submit("name", ...)`.
 
 Errors: a call past its timeout raises `WorkerTimeoutError` (role, method, ranks, timeout); a dead
 actor raises `WorkerDiedError` (role, ranks) so the controller can `restart` it and retry — see
@@ -120,6 +121,26 @@ class PendingCall:
         return results
 
 
+class GroupMethod:
+    """`group.name`: a worker method of the group. Calling it runs it as declared and waits; `submit`
+    starts it and returns the `PendingCall`; `on_rank` calls one rank only."""
+
+    def __init__(self, group: "WorkerGroup", name: str):
+        self.group, self.name = group, name
+
+    def __call__(self, *args, **kwargs) -> Any:
+        return self.group.call(self.name, *args, **kwargs)
+
+    def submit(self, *args, **kwargs) -> PendingCall:
+        return self.group.submit(self.name, *args, **kwargs)
+
+    def on_rank(self, rank: int, *args, **kwargs) -> Any:
+        return self.group.call_rank(rank, self.name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.group.role}.{self.name}>"
+
+
 class WorkerGroup:
     """`num_workers` Ray actors of one role, called as one object."""
 
@@ -150,6 +171,8 @@ class WorkerGroup:
         self.restarts: list[dict] = []
         self._own_pg = placement_group is None
         if placement_group is None:
+            from llmray.rl.groups import make_placement_group
+
             placement_group = make_placement_group([self.resources] * num_workers, timeout_s=start_timeout_s,
                                                    what=f"{role} worker group")
             bundle_indices = list(range(num_workers))
@@ -215,16 +238,11 @@ class WorkerGroup:
                                    self.role, "__init__", ranks) from e
 
     # -- calls ---------------------------------------------------------------------------
-    def __getattr__(self, method: str) -> Callable:
+    def __getattr__(self, method: str) -> GroupMethod:
         if method.startswith("_"):
             raise AttributeError(method)
         _dispatch.declared(self.worker_cls, method)  # AttributeError for unknown methods
-
-        def bound(*args, **kwargs):
-            return self.call(method, *args, **kwargs)
-
-        bound.__name__ = method
-        return bound
+        return GroupMethod(self, method)
 
     def submit(self, method: str, *args, dispatch: str | None = None, timeout_s: float | None = None,
                threads: int | None = None, **kwargs) -> PendingCall:
@@ -358,51 +376,18 @@ class WorkerGroup:
         return f"WorkerGroup({self.role!r}, {self.worker_cls.__name__}, num_workers={self.num_workers})"
 
 
-def make_placement_group(bundles: list[dict], strategy: str = "PACK", timeout_s: float = 120.0,
-                         what: str = "placement group"):
-    """A ready placement group, or an error naming the missing resource instead of hanging.
-
-    Bundles are checked against the cluster's total resources first (with the wait of
-    `llmray.cluster.require_resources`, so an autoscaler can add nodes), then the group must
-    become ready within `timeout_s` (it may wait for other jobs to free resources).
-    """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from llmray.cluster import require_resources
-
-    needed: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            needed[k] = needed.get(k, 0.0) + float(v)
-    if strategy in ("STRICT_PACK",):
-        pass  # one node must hold all: checked by the readiness wait below
-    require_resources(needed, what, timeout_s)
-    pg = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        free = ray.available_resources()
-        remove_placement_group(pg)
-        have = ", ".join(f"{k}={free.get(k, 0):g}" for k in needed)
-        raise WorkerStartError(
-            f"{what}: placement group {bundles} ({strategy}) not placed within {timeout_s:.0f}s; "
-            f"free now: {have}. Other groups hold the resources, or no node fits a bundle",
-            what, None, [])
-    return pg
-
-
-def call_with_restart(group: WorkerGroup, method: str, *args, on_restart: Callable[[WorkerGroup, list[int]], Any] | None = None,
+def call_with_restart(method: GroupMethod, *args, on_restart: Callable[[WorkerGroup, list[int]], Any] | None = None,
                       max_restarts: int = 2, restart_on_timeout: bool = False, **kwargs) -> Any:
-    """`group.call(method, ...)`, restarting dead ranks and retrying, up to `max_restarts` times.
+    """`method(...)` (e.g. `group.generate`), restarting dead ranks and retrying, up to `max_restarts` times.
 
     After the dead ranks are restarted, `on_restart(group, ranks)` runs before the retry: the
-    controller re-syncs the current weights there (e.g. `lambda g, r: sync.push(latest, g)`).
+    controller re-syncs the current weights there (e.g. `lambda g, r: sync.resync(g, r)`).
     With `restart_on_timeout`, a timed-out rank is treated as dead (killed and restarted).
     """
-    attempt = 0
+    group, attempt = method.group, 0
     while True:
         try:
-            return group.call(method, *args, **kwargs)
+            return method(*args, **kwargs)
         except (WorkerDiedError, WorkerTimeoutError) as e:
             if isinstance(e, WorkerTimeoutError) and not restart_on_timeout:
                 raise
@@ -410,6 +395,6 @@ def call_with_restart(group: WorkerGroup, method: str, *args, on_restart: Callab
             if attempt > max_restarts:
                 raise WorkerDiedError(f"{e} — gave up after {max_restarts} restart(s)", e.role, e.method, e.ranks) from e
             for rank in e.ranks:
-                group.restart(rank, cause=f"{type(e).__name__} during {method}: {e}")
+                group.restart(rank, cause=f"{type(e).__name__} during {method.name}: {e}")
             if on_restart is not None:
                 on_restart(group, list(e.ranks))

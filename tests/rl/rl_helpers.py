@@ -8,7 +8,7 @@ from pathlib import Path
 def small_config(model: Path, prompts: Path, out: Path, *overrides: str):
     """A CPU-sized RLConfig: one vLLM engine, 1-CPU actor, fractional critic/ref/reward."""
     from llmray.config import load
-    from llmray.rl.controller import RLConfig
+    from llmray.rl.config import RLConfig
 
     base = [
         f"model={model}", f"prompts={prompts}", f"output={out / 'model'}", f"run_dir={out / 'run'}",

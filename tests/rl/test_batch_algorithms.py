@@ -80,7 +80,7 @@ def test_compute_advantages_grpo_rloo_ppo():
 
 
 def test_config_errors_name_the_key():
-    from llmray.rl.controller import RLConfig
+    from llmray.rl.config import RLConfig
 
     with pytest.raises(ConfigError, match="algo.n_samples.*grpo needs at least 2"):
         load(RLConfig, None, ["algo.algorithm=grpo", "algo.n_samples=1"])
@@ -128,6 +128,6 @@ def test_prompt_filter_keeps_prompts_solved_sometimes():
     with pytest.raises(ValueError, match="7 responses for 3 prompts x 4 samples"):
         pass_rates(answers, responses[:7], 4)
     with pytest.raises(ConfigError, match="prompt_filter.min_pass"):
-        from llmray.rl.controller import RLConfig
+        from llmray.rl.config import RLConfig
 
         load(RLConfig, None, ["prompt_filter.min_pass=0.8", "prompt_filter.max_pass=0.5"])

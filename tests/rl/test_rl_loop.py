@@ -59,7 +59,7 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
     from transformers import AutoTokenizer
 
     from llmray.rl import data
-    from llmray.rl.controller import run
+    from llmray.stages.ppo import run
 
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, f"algo.algorithm={algorithm}", "steps=8",
                        "actor.optimizer.lr=1e-3", "algo.kl_coef=0.01", "eval_every=0", *extra)
@@ -132,7 +132,7 @@ def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: li
 
 
 def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
-    from llmray.rl.controller import run
+    from llmray.stages.ppo import run
 
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8", "algo.n_samples=8",
                        # one minibatch of the whole batch: the fused path (pi_old from the update's own pass)
@@ -186,7 +186,7 @@ def _check_resume(cfg) -> None:
     """A second run with one more step resumes from the last complete checkpoint (step 8) and runs
     step 9 only. (Part of the RLOO rise test, whose eight steps it reuses.)"""
     from llmray.config import replace
-    from llmray.rl.controller import run
+    from llmray.stages.ppo import run
 
     run_dir = Path(cfg.run_dir)
     meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "COMPLETE.json").read_text())

@@ -55,7 +55,7 @@ def test_generate_ids_logprobs_match_transformers(engine, hf_models):
     assert max(gaps) < 2e-3, f"vLLM vs transformers logprob gap {max(gaps):.2e}"
     # Seeded sampling is a function of (seed, global prompt index): the same prompt's samples come
     # back when it is the second prompt of a call with index_offset=1 (what split dispatch sends).
-    again = engine.call_rank(0, "generate", PROMPTS[1:3], {"n": 2, "max_tokens": 12, "seed": 3}, index_offset=1)
+    again = engine.generate.on_rank(0, PROMPTS[1:3], {"n": 2, "max_tokens": 12, "seed": 3}, index_offset=1)
     assert [o["response_ids"] for o in again] == [o["response_ids"] for o in out[2:6]]
     assert [o["prompt_index"] for o in again] == [1, 1, 2, 2]
     # Different samples of one prompt differ, and the same seed offsets do not repeat across prompts.
@@ -95,7 +95,7 @@ def test_killed_engine_is_restarted_resynced_and_retried(engine, hf_models, toke
     expected = [hf_greedy(other, p, 8, eos) for p in PROMPTS]
 
     pid = engine.pids()[0]
-    pending = engine.submit("generate", PROMPTS * 8, {"n": 4, "max_tokens": 64, "seed": 1})
+    pending = engine.generate.submit(PROMPTS * 8, {"n": 4, "max_tokens": 64, "seed": 1})
     time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)                         # mid-call
     with pytest.raises(WorkerDiedError, match="rollout rank 0 died"):
@@ -110,7 +110,7 @@ def test_killed_engine_is_restarted_resynced_and_retried(engine, hf_models, toke
     def on_restart(group, ranks):
         resynced.append(sync.resync(group, ranks))
 
-    got = call_with_restart(engine, "greedy", PROMPTS, 8, on_restart=on_restart, max_restarts=1)
+    got = call_with_restart(engine.greedy, PROMPTS, 8, on_restart=on_restart, max_restarts=1)
     assert got == expected
     assert resynced and resynced[0]["weight_sync/buckets"] >= 1
     assert len(engine.restarts) == 1 and "WorkerDiedError" in engine.restarts[0]["cause"]

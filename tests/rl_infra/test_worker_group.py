@@ -12,8 +12,9 @@ import pytest
 import ray
 
 from llmray.rl.dispatch import register
+from llmray.rl.groups import make_placement_group
 from llmray.rl.worker_group import (WorkerDiedError, WorkerGroup, WorkerStartError, WorkerTimeoutError,
-                                    call_with_restart, make_placement_group)
+                                    call_with_restart)
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel by value
 
@@ -95,13 +96,14 @@ def test_broadcast_rank0_and_rank_env(group):
     assert int(envs[0]["MASTER_PORT"]) > 0 and envs[0]["MASTER_ADDR"]
     assert {e["LLMRAY_TEST"] for e in envs} == {"yes"} and {e["tag"] for e in envs} == {"t"}
     assert group.whoami() == 0
-    assert group.call("whoami", dispatch="broadcast") == [0, 1, 2]
+    assert group.whoami(dispatch="broadcast") == [0, 1, 2]
+    assert group.call("whoami", dispatch="broadcast") == [0, 1, 2]  # the explicit form, for name clashes
 
 
 def test_timeout_names_role_method_rank(group):
     t0 = time.monotonic()
     with pytest.raises(WorkerTimeoutError, match=r"toy\.sleep timed out after 1s on rank\(s\) \[0, 1, 2\]") as e:
-        group.call("sleep", 6.0, timeout_s=1.0)
+        group.sleep(6.0, timeout_s=1.0)
     assert time.monotonic() - t0 < 5.0
     assert e.value.role == "toy" and e.value.method == "sleep" and e.value.ranks == [0, 1, 2]
     assert group.alive(timeout_s=5.0) == [True, True, True]  # pings answer while the sleep runs
@@ -123,13 +125,13 @@ def test_unknown_method(group):
 
 def test_call_threads_apply_to_that_call_only(group):
     before = group.torch_threads()
-    assert group.submit("torch_threads", threads=1).result() == [1, 1, 1]
-    assert group.submit("torch_threads", threads=3).result() == [3, 3, 3]
+    assert group.torch_threads.submit(threads=1).result() == [1, 1, 1]
+    assert group.torch_threads.submit(threads=3).result() == [3, 3, 3]
     assert group.torch_threads() == before
 
 
 def test_phase_threads_split_the_cores():
-    from llmray.rl.controller import phase_threads
+    from llmray.rl.groups import phase_threads
 
     assert phase_threads(8, 1) == 8 and phase_threads(8, 3) == 2 and phase_threads(2, 4) == 1
     assert phase_threads(2, 0) == 2
@@ -137,8 +139,8 @@ def test_phase_threads_split_the_cores():
 
 def test_submit_runs_groups_concurrently(group):
     t0 = time.monotonic()
-    a = group.submit("sleep", 1.5)
-    b = group.submit("whoami")
+    a = group.sleep.submit(1.5)
+    b = group.whoami.submit()
     assert b.result() == 0  # queued behind the sleep on rank 0
     assert a.result() == [0, 1, 2]
     assert time.monotonic() - t0 < 10
@@ -160,7 +162,7 @@ def test_kill_by_pid_detect_restart_retry(ray_cluster):
 
         os.kill(g.pids()[0], signal.SIGKILL)
         resynced = []
-        out = call_with_restart(g, "square", [1, 2, 3, 4], on_restart=lambda grp, ranks: resynced.append(ranks),
+        out = call_with_restart(g.square, [1, 2, 3, 4], on_restart=lambda grp, ranks: resynced.append(ranks),
                                 max_restarts=2)
         assert [o["x"] for o in out] == [1, 4, 9, 16]
         assert g.alive() == [True, True]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from llmray.rl.batch import RLBatch
 from llmray.rl.dispatch import register
@@ -201,7 +201,3 @@ class ActorWorker:
     @register("rank0")
     def ping(self) -> int:
         return os.getpid()
-
-
-def update_spec(**kw) -> dict:
-    return asdict(PolicyUpdate(**kw))

@@ -1,0 +1,262 @@
+"""The role groups of one RL run: start (rollout, actor, critic, ref, reward), placement, thread budget, restarts.
+
+    roles = RoleGroups(cfg, validate_models(cfg))
+    roles.start()                                   # rollout engines first, then the trainers, then ref/reward
+    rollouts = roles.generate(prompt_ids, sampling) # a dead engine is restarted, re-synced, retried
+    roles.restart_trainers(cause)                   # a DeepSpeed world cannot lose a rank and go on
+    roles.shutdown()
+
+Every restart is logged with its cause in `run_dir`/restarts.jsonl, and `run_dir`/workers.json holds the
+worker process ids by role (what an operator or a chaos test kills).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from llmray.errors import UserError
+from llmray.rl.config import RLConfig
+
+log = logging.getLogger(__name__)
+
+
+def _res(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+def thread_budget(cfg: RLConfig) -> int:
+    return cfg.threads or os.cpu_count() or 1
+
+
+def thread_env(cfg: RLConfig) -> dict[str, str]:
+    """OMP_NUM_THREADS for every role (Ray would set it to the actor's num_cpus, often 1)."""
+    return {"OMP_NUM_THREADS": str(thread_budget(cfg))}
+
+
+def phase_threads(budget: int, busy_roles: int) -> int:
+    """Torch threads per role when `busy_roles` roles compute at once on `budget` cores: their
+    share, at least 1 (OpenMP threads beyond the cores spin against each other)."""
+    return max(1, budget // max(1, busy_roles))
+
+
+def validate_models(cfg: RLConfig) -> dict[str, str]:
+    """Every role's model dir exists and all share one tokenizer and vocabulary. Cheap: reads
+    tokenizer files and config.json only. Returns role -> dir."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dirs = {"actor": cfg.actor.model or cfg.model, "ref": cfg.ref.model or cfg.model}
+    if cfg.algo.uses_critic:
+        dirs["critic"] = cfg.critic.model or (cfg.reward.model if cfg.reward.kind != "rule" else None) or cfg.model
+    if cfg.reward.kind != "rule":
+        dirs["reward"] = cfg.reward.model
+    key = {"actor": "model", "ref": "ref.model", "critic": "critic.model", "reward": "reward.model"}
+    infos = {}
+    for role, d in dirs.items():
+        if not d or not (Path(d) / "config.json").is_file():
+            raise UserError(f"{key[role]}: {d} is not a Hugging Face model dir (no config.json)")
+        try:
+            tok = AutoTokenizer.from_pretrained(d)
+        except Exception as e:  # noqa: BLE001 - named below
+            raise UserError(f"{key[role]}: cannot load the tokenizer from {d}: {e}") from None
+        mc = AutoConfig.from_pretrained(d)
+        infos[role] = {"vocab": tok.get_vocab(), "eos": tok.eos_token_id, "pad": tok.pad_token_id,
+                       "model_vocab": mc.vocab_size}
+    base = infos["actor"]
+    for role, info in infos.items():
+        if info["vocab"] != base["vocab"] or info["eos"] != base["eos"] or info["pad"] != base["pad"]:
+            raise UserError(f"{key[role]} ({dirs[role]}) has a different tokenizer than the actor "
+                            f"({dirs['actor']}): {len(info['vocab'])} vs {len(base['vocab'])} tokens, eos "
+                            f"{info['eos']} vs {base['eos']}; every role must share the actor's tokenizer")
+        if info["model_vocab"] != base["model_vocab"]:
+            raise UserError(f"{key[role]} ({dirs[role]}) has vocab_size {info['model_vocab']} but the actor has "
+                            f"{base['model_vocab']}; the reward/critic/ref models must use the actor's vocabulary")
+    return dirs
+
+
+def make_placement_group(bundles: list[dict], strategy: str = "PACK", timeout_s: float = 120.0,
+                         what: str = "placement group"):
+    """A ready placement group, or an error naming the missing resource instead of hanging.
+
+    Bundles are checked against the cluster's total resources first (with the wait of
+    `llmray.cluster.require_resources`, so an autoscaler can add nodes), then the group must
+    become ready within `timeout_s` (it may wait for other jobs to free resources).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from llmray.cluster import require_resources
+    from llmray.rl.worker_group import WorkerStartError
+
+    needed: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            needed[k] = needed.get(k, 0.0) + float(v)
+    require_resources(needed, what, timeout_s)  # STRICT_PACK's one node is checked by the wait below
+    pg = placement_group(bundles, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        free = ray.available_resources()
+        remove_placement_group(pg)
+        have = ", ".join(f"{k}={free.get(k, 0):g}" for k in needed)
+        raise WorkerStartError(
+            f"{what}: placement group {bundles} ({strategy}) not placed within {timeout_s:.0f}s; "
+            f"free now: {have}. Other groups hold the resources, or no node fits a bundle",
+            what, None, [])
+    return pg
+
+
+class RoleGroups:
+    """The worker groups of one run (`groups`: role -> WorkerGroup), their placement and restarts."""
+
+    def __init__(self, cfg: RLConfig, dirs: dict[str, str]):
+        self.cfg, self.dirs = cfg, dirs
+        self.out = Path(cfg.run_dir)
+        self.groups: dict = {}
+        self.pgs: list = []
+        self.shared_pgs: dict = {}
+        """role -> the placement group it shares with its partner (actor+ref, critic+reward)."""
+        self.restarts: list[dict] = []
+        self.sync = None
+        """The `WeightSync` into the rollout engines (its last push is replayed into a restarted engine)."""
+
+    def start(self) -> None:
+        """Rollout engines first (the most likely to fail on bad input), then the other roles."""
+        from llmray.rl.weight_sync import WeightSync
+        from llmray.rl.worker_group import WorkerGroup
+        from llmray.rl.workers.ref import RefWorker
+        from llmray.rl.workers.reward import RewardWorker
+        from llmray.rl.workers.rollout import HFRolloutWorker, RolloutWorker
+
+        c, r = self.cfg, self.cfg.rollout
+        vllm = r.engine == "vllm"
+        engine_kw = {"enforce_eager": r.enforce_eager, "kv_cache_gb": r.kv_cache_gb,
+                     # logprobs of the distribution actually sampled (temperature applied),
+                     # which is what the actor recomputes with logits / temperature
+                     "logprobs_mode": "raw_logprobs" if r.temperature == 1.0 else "processed_logprobs"}
+        self.groups["rollout"] = WorkerGroup(
+            "rollout", RolloutWorker if vllm else HFRolloutWorker, r.num_workers,
+            _res(r.cpus_per_worker, r.gpus_per_worker),
+            {"model_dir": self.dirs["actor"], "max_model_len": r.max_model_len,
+             "dtype": r.dtype if vllm else "float32", "seed": c.seed, **(engine_kw if vllm else {})},
+            call_timeout_s=r.call_timeout_s, env=thread_env(c))
+        self.sync = WeightSync(c.weight_sync.bucket_mb, c.weight_sync.timeout_s)
+        self._start_trainers()
+        pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
+        self.groups["ref"] = WorkerGroup(
+            "ref", RefWorker, c.ref.num_workers, _res(c.ref.cpus_per_worker, c.ref.gpus_per_worker),
+            {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
+            placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
+            env=thread_env(c))
+        pg_rw = self._colocated("critic") if c.placement.colocate_critic_reward else (None, None)
+        self.groups["reward"] = WorkerGroup(
+            "reward", RewardWorker, c.reward.num_workers, _res(c.reward.cpus_per_worker, c.reward.gpus_per_worker),
+            {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
+             "model_weight": c.reward.model_weight},
+            placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
+            env=thread_env(c))
+
+    def _colocated(self, role: str):
+        """The (placement group, bundle indices) of `role`'s group, to share its bundles."""
+        g = self.groups[role]
+        return g.placement_group, list(g.bundle_indices)
+
+    def _trainer_placement(self, role: str, res: dict, num_workers: int):
+        """(placement group, bundle indices) of the actor or critic: its own (None, None), or one shared
+        with its partner (actor+ref, critic+reward) when the config colocates them."""
+        c = self.cfg
+        partner, colocate = {"actor": ("ref", c.placement.colocate_actor_ref),
+                             "critic": ("reward", c.placement.colocate_critic_reward)}[role]
+        if not colocate:
+            return None, None
+        if role not in self.shared_pgs:  # not a restart, where the partner role still lives there
+            pc = getattr(c, partner)
+            # One bundle per rank holds both roles' fractional resources.
+            bundle = {k: v + _res(pc.cpus_per_worker, pc.gpus_per_worker).get(k, 0.0) for k, v in res.items()}
+            pg = make_placement_group([bundle] * num_workers, what=f"{role}+{partner} placement group")
+            self.pgs.append(pg)
+            self.shared_pgs[role] = pg
+        return self.shared_pgs[role], list(range(num_workers))
+
+    def _start_trainers(self) -> None:
+        """Actor and critic groups (each in its own placement group, or one shared with ref/reward)."""
+        from llmray.config import to_dict
+        from llmray.rl.worker_group import WorkerGroup
+        from llmray.rl.workers.actor import ActorWorker
+        from llmray.rl.workers.critic import CriticWorker
+
+        c = self.cfg
+        total = c.steps * c.algo.epochs * (c.algo.batch_size // c.algo.minibatch_size)
+        for role, cls, rc, extra in [("actor", ActorWorker, c.actor, {"temperature": c.rollout.temperature}),
+                                     ("critic", CriticWorker, c.critic, {})]:
+            if role == "critic" and not c.algo.uses_critic:
+                continue
+            res = _res(rc.cpus_per_worker, rc.gpus_per_worker)
+            pg, bundles = self._trainer_placement(role, res, rc.num_workers)
+            # The engine's micro-batch must fit the per-rank minibatch.
+            per_rank = c.algo.minibatch_size // rc.num_workers
+            ds = to_dict(rc.deepspeed)
+            ds["micro_batch_size"] = min(ds["micro_batch_size"], per_rank)
+            ds["grad_accum_steps"] = max(1, per_rank // ds["micro_batch_size"])
+            self.groups[role] = WorkerGroup(
+                role, cls, rc.num_workers, res,
+                {"model_dir": self.dirs[role], "deepspeed": ds, "optimizer": to_dict(rc.optimizer),
+                 "total_steps": max(1, total), "seed": c.seed, **extra},
+                placement_group=pg, bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s,
+                env=thread_env(c))
+
+    def restart_trainers(self, cause: str) -> None:
+        """Replace the actor and critic groups (a DeepSpeed world cannot lose a rank and go on)."""
+        for role in ("actor", "critic"):
+            g = self.groups.pop(role, None)
+            if g is not None:
+                g.shutdown()
+        # Placement groups shared with ref/reward stay: ref/reward still live in them.
+        self._start_trainers()
+        self.log_restart("actor+critic", -1, cause)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: dict) -> list[dict]:
+        """Rollouts from the engines (current weights). A dead engine is restarted, given the last
+        pushed weights and the call retried (`rollout.max_restarts` times at most)."""
+        from llmray.rl.worker_group import call_with_restart
+
+        return call_with_restart(self.groups["rollout"].generate, prompt_ids, sampling,
+                                 on_restart=self.on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
+
+    def on_rollout_restart(self, group, ranks) -> None:
+        for rank in ranks:
+            self.log_restart("rollout", rank, group.restarts[-1]["cause"] if group.restarts else "died")
+        if self.sync.last is not None:
+            self.sync.resync(group)
+
+    def write_pids(self) -> dict:
+        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills)."""
+        pids = {role: g.pids() for role, g in self.groups.items()}
+        tmp = self.out / ".workers.json.tmp"
+        tmp.write_text(json.dumps(pids))
+        os.replace(tmp, self.out / "workers.json")
+        return pids
+
+    def log_restart(self, role: str, rank: int, cause: str) -> None:
+        rec = {"time": time.time(), "role": role, "rank": rank, "cause": cause}
+        self.restarts.append(rec)
+        self.write_pids()
+        log.warning("restart %s rank %s: %s", role, rank, cause)
+        with (self.out / "restarts.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for g in self.groups.values():
+            g.shutdown()
+        self.groups = {}
+        for pg in self.pgs:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
+        self.pgs = []
