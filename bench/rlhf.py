@@ -86,7 +86,8 @@ def rollout_throughput(model_dir: Path, n_prompts: int, max_tokens: int, repeats
         tokens = sum(n for n, _ in runs)
         secs = sum(s for _, s in runs)
         out[name] = {"tokens_per_s": tokens / secs, "tokens": tokens, "seconds": secs, "start_s": start_s}
-        print(f"  {name:13s} {tokens / secs:9.1f} tok/s  ({tokens} tokens in {secs:.1f}s, start {start_s:.1f}s)", flush=True)
+        print(f"  {name:13s} {tokens / secs:9.1f} tok/s  ({tokens} tokens in {secs:.1f}s, start {start_s:.1f}s)",
+              flush=True)
     out["ratio_vllm_over_hf"] = out["vllm"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     out["ratio_vllm_compiled_over_hf"] = out["vllm/compiled"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     return out
@@ -120,7 +121,8 @@ def matmul_ceiling(model_dir: Path, batch: int, threads: int, repeats: int = 100
     finally:
         torch.set_num_threads(prev)
     flops = 2 * batch * (layers * sum(k * n for k, n in per_layer) + h * vocab)
-    return {"batch": batch, "threads": threads, "step_s": step, "tokens_per_s": batch / step, "gflops": flops / step / 1e9}
+    return {"batch": batch, "threads": threads, "step_s": step, "tokens_per_s": batch / step,
+            "gflops": flops / step / 1e9}
 
 
 # scoring = reward, ref and actor log-probs and critic values, which run at once
@@ -144,7 +146,8 @@ def ppo_step_phases(model_dir: Path, corpus: Path, work: Path, steps: int, max_t
         f"steps={steps}", "eval_every=-1", "save_model=false", "checkpoint.every_n_steps=1000",
         "algo.algorithm=ppo", "algo.n_samples=4", "algo.prompts_per_step=8", "algo.minibatch_size=16",
         f"rollout.max_tokens={max_tokens}", "rollout.max_model_len=256", "rollout.cpus_per_worker=1",
-        "actor.cpus_per_worker=1", "critic.cpus_per_worker=0.5", "ref.cpus_per_worker=0.25", "reward.cpus_per_worker=0.25",
+        "actor.cpus_per_worker=1", "critic.cpus_per_worker=0.5", "ref.cpus_per_worker=0.25",
+        "reward.cpus_per_worker=0.25",
     ])
     run(cfg)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/step_s" in r]
@@ -178,11 +181,13 @@ def main() -> None:
     from llmray.models.factory import load_pretrained
 
     n_params = sum(p.numel() for p in load_pretrained(model_dir)[0].parameters())
-    print(f"model: {args.preset} preset, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.max_tokens} tokens")
+    print(f"model: {args.preset} preset, {n_params / 1e6:.1f}M params; "
+          f"{args.prompts} prompts x {args.max_tokens} tokens")
     print("(a) rollout throughput, one worker, 1 CPU each:", flush=True)
     a = rollout_throughput(model_dir, args.prompts, args.max_tokens, args.repeats)
     ceil = matmul_ceiling(model_dir, args.prompts, os.cpu_count() or 1)
-    print(f"(b) PPO step phases, {args.ppo_steps} steps of 8 prompts x 4 samples x {args.ppo_max_tokens} tokens:", flush=True)
+    print(f"(b) PPO step phases, {args.ppo_steps} steps of 8 prompts x 4 samples x {args.ppo_max_tokens} tokens:",
+          flush=True)
     b = ppo_step_phases(model_dir, corpus, work, args.ppo_steps, args.ppo_max_tokens)
 
     print()
@@ -192,7 +197,8 @@ def main() -> None:
     print(f"ratio vLLM / HF generate: {a['ratio_vllm_over_hf']:.2f}x eager (the RL default), "
           f"{a['ratio_vllm_compiled_over_hf']:.2f}x compiled  (target >= 5x)")
     print(f"matmul-only ceiling at batch {ceil['batch']} ({ceil['threads']} threads, {ceil['gflops']:.0f} GFLOP/s): "
-          f"{ceil['tokens_per_s']:.0f} tok/s; vLLM eager reaches {a['vllm']['tokens_per_s'] / ceil['tokens_per_s']:.0%} "
+          f"{ceil['tokens_per_s']:.0f} tok/s; vLLM eager reaches "
+          f"{a['vllm']['tokens_per_s'] / ceil['tokens_per_s']:.0%} "
           f"of it, compiled {a['vllm/compiled']['tokens_per_s'] / ceil['tokens_per_s']:.0%}, HF "
           f"{a['hf']['tokens_per_s'] / ceil['tokens_per_s']:.0%}; no engine can beat this HF by more than "
           f"{ceil['tokens_per_s'] / a['hf']['tokens_per_s']:.1f}x here")

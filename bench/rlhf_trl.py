@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -189,7 +188,8 @@ def main() -> None:
     work = Path(a.work or ROOT / ".cache" / f"bench_rlhf_trl{tag}")
     work.mkdir(parents=True, exist_ok=True)
     sft, prompts = prepare(work, a.sft_steps, a.preset)
-    print(f"GRPO on the {a.preset} model: {a.steps} updates, {a.prompts_per_step} prompts x {a.n} samples x {a.max_tokens} tokens, "
+    print(f"GRPO on the {a.preset} model: {a.steps} updates, {a.prompts_per_step} prompts x {a.n} samples x "
+          f"{a.max_tokens} tokens, "
           f"lr {a.lr}, beta {a.beta}", flush=True)
     print("llmray ...", flush=True)
     ours = run_llmray(sft, prompts, work, a)
@@ -200,12 +200,14 @@ def main() -> None:
     s_ours = summary(ours)
     print()
     print(f"{'':<22}{'step s':>10}{'generation s':>14}{'training s':>12}{'reward first->last':>22}")
-    print(f"{'llmray (vLLM+DS)':<22}{s_ours['step_s']:>10.2f}{s_ours['generation_s']:>14.2f}{s_ours['training_s']:>12.2f}"
+    print(f"{'llmray (vLLM+DS)':<22}{s_ours['step_s']:>10.2f}{s_ours['generation_s']:>14.2f}"
+          f"{s_ours['training_s']:>12.2f}"
           f"{ours['reward'][0]:>12.3f} -> {ours['reward'][-1]:.3f}")
     result = {"settings": vars(a), "llmray": {**ours, **s_ours}}
     if theirs:
         s_t = summary(theirs)
-        print(f"{'TRL ' + theirs['trl']:<22}{s_t['step_s']:>10.2f}{s_t['generation_s']:>14.2f}{s_t['training_s']:>12.2f}"
+        print(f"{'TRL ' + theirs['trl']:<22}{s_t['step_s']:>10.2f}{s_t['generation_s']:>14.2f}"
+              f"{s_t['training_s']:>12.2f}"
               f"{theirs['reward'][0]:>12.3f} -> {theirs['reward'][-1]:.3f}")
         ratios = {k: s_t[k] / s_ours[k] for k in ("step_s", "generation_s", "training_s") if s_ours[k] > 0}
         print(f"speed-up llmray vs TRL: step {ratios['step_s']:.2f}x, generation {ratios.get('generation_s', 0):.2f}x, "

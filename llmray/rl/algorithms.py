@@ -68,13 +68,15 @@ class AlgoConfig:
         check(self.epochs >= 1, f"{a}.epochs", "must be >= 1")
         check(self.minibatch_size >= 1, f"{a}.minibatch_size", "must be >= 1")
         check(self.batch_size % self.minibatch_size == 0, f"{a}.minibatch_size",
-              f"must divide the rollout batch prompts_per_step * n_samples = {self.batch_size}, got {self.minibatch_size}")
+              f"must divide the rollout batch prompts_per_step * n_samples = {self.batch_size}, "
+              f"got {self.minibatch_size}")
         check(0 < self.clip_eps < 1, f"{a}.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
         check(self.value_clip is None or self.value_clip > 0, f"{a}.value_clip", "must be > 0 or null")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{a}.gamma", "gamma and lam must be in [0, 1]")
         check(self.kl_coef >= 0, f"{a}.kl_coef", "must be >= 0")
         check(self.kl_target > 0 and self.kl_horizon > 0, f"{a}.kl_target", "kl_target and kl_horizon must be > 0")
-        check(self.entropy_coef >= 0 and self.ptx_coef >= 0, f"{a}.entropy_coef", "entropy_coef and ptx_coef must be >= 0")
+        check(self.entropy_coef >= 0 and self.ptx_coef >= 0, f"{a}.entropy_coef",
+              "entropy_coef and ptx_coef must be >= 0")
         check(self.tis_cap is None or self.tis_cap >= 1, f"{a}.tis_cap", f"must be >= 1 or null, got {self.tis_cap}")
 
     @property

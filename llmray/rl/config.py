@@ -157,7 +157,8 @@ class RLConfig:
     eval_sampled_k: int = 0
     """At the final eval, also k samples per held-out prompt at temperature 1: mean@k and pass@k (0 = off)."""
     ptx_data: str | None = None
-    """PPO-ptx: JSONL chat records {"messages": [...]} (e.g. corpus/sft) for the LM loss; used when algo.ptx_coef > 0."""
+    """PPO-ptx: JSONL chat records {"messages": [...]} (e.g. corpus/sft) for the LM loss; used when
+    algo.ptx_coef > 0."""
     output: str = "artifacts/rl"
     """The trained policy, published as a model artifact (HF dir + manifest) at the end."""
     run_dir: str = "runs/rl"

@@ -60,7 +60,8 @@ def tokenize_prompts(records: list[dict], tokenizer, max_len: int) -> list[list[
         enc = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
         t = list(enc["input_ids"])
         if len(t) > max_len:
-            raise UserError(f"prompt {i} has {len(t)} tokens; the limit is rollout.max_model_len - rollout.max_tokens = {max_len}")
+            raise UserError(f"prompt {i} has {len(t)} tokens; the limit is "
+                            f"rollout.max_model_len - rollout.max_tokens = {max_len}")
         ids.append(t)
     return ids
 

@@ -393,7 +393,8 @@ def call_with_restart(method: GroupMethod, *args, on_restart: Callable[[WorkerGr
                 raise
             attempt += 1
             if attempt > max_restarts:
-                raise WorkerDiedError(f"{e} — gave up after {max_restarts} restart(s)", e.role, e.method, e.ranks) from e
+                raise WorkerDiedError(f"{e} — gave up after {max_restarts} restart(s)", e.role, e.method,
+                                      e.ranks) from e
             for rank in e.ranks:
                 group.restart(rank, cause=f"{type(e).__name__} during {method.name}: {e}")
             if on_restart is not None:

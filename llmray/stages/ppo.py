@@ -1,4 +1,5 @@
-"""Stage `ppo`: PPO, GRPO or RLOO from an SFT policy on RL prompts, over Ray worker groups, with checkpoint/resume.
+"""Stage `ppo`: PPO, GRPO or RLOO from an SFT policy on RL prompts, over Ray worker groups, with
+checkpoint/resume.
 
 Local:   llmray ppo --config jobs/configs/ppo/tiny_cpu.yaml
 Cluster: ray job submit --working-dir . -- python jobs/ppo.py --config jobs/configs/ppo/tiny_cpu.yaml
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from llmray.rl.worker_group import WorkerDiedError
 
 log = logging.getLogger(__name__)
+
+Config = RLConfig
 
 
 @dataclass

@@ -68,7 +68,8 @@ def accuracy(model_dir: str | Path, n: int = 64, seed: int = 123) -> float:
     ok = 0
     for _ in range(n):
         t = tasks.make_task(rng)
-        ids = tok.apply_chat_template(t.messages(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(t.messages(), add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

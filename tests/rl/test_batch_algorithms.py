@@ -12,11 +12,15 @@ from llmray.rl.batch import RLBatch
 
 
 def _rollouts():
+    def r(i, prompt, response, lps, text, finish):
+        return {"prompt_index": i, "prompt_ids": prompt, "response_ids": response, "logprobs": lps, "text": text,
+                "finish_reason": finish}
+
     return [
-        {"prompt_index": 0, "prompt_ids": [5, 6], "response_ids": [7, 2], "logprobs": [-0.1, -0.2], "text": "a", "finish_reason": "stop"},
-        {"prompt_index": 0, "prompt_ids": [5, 6], "response_ids": [8], "logprobs": [-0.3], "text": "b", "finish_reason": "stop"},
-        {"prompt_index": 1, "prompt_ids": [9, 10, 11], "response_ids": [7, 7, 7], "logprobs": [-1.0, -1.0, -1.0], "text": "c", "finish_reason": "length"},
-        {"prompt_index": 1, "prompt_ids": [9, 10, 11], "response_ids": [2], "logprobs": [-0.5], "text": "d", "finish_reason": "stop"},
+        r(0, [5, 6], [7, 2], [-0.1, -0.2], "a", "stop"),
+        r(0, [5, 6], [8], [-0.3], "b", "stop"),
+        r(1, [9, 10, 11], [7, 7, 7], [-1.0, -1.0, -1.0], "c", "length"),
+        r(1, [9, 10, 11], [2], [-0.5], "d", "stop"),
     ]
 
 
@@ -53,7 +57,8 @@ def _scored(scores, n):
     b = RLBatch(prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
                 response_ids=torch.ones(B, T, dtype=torch.long), response_mask=torch.tensor([[1, 1, 0]] * B).float(),
                 prompt_index=torch.arange(B) // n)
-    return b.replace(scores=torch.tensor(scores), logprobs=torch.full((B, T), -1.0), ref_logprobs=torch.full((B, T), -1.5),
+    return b.replace(scores=torch.tensor(scores), logprobs=torch.full((B, T), -1.0),
+                     ref_logprobs=torch.full((B, T), -1.5),
                      values=torch.zeros(B, T))
 
 

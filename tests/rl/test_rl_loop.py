@@ -73,7 +73,8 @@ def test_reward_and_accuracy_rise(algorithm, extra, rl_sft_model, rl_fixed_promp
     rows = _rows(Path(cfg.run_dir))
     assert out["steps"] == 8 and [r["step"] for r in rows] == list(range(1, 9))
     # The summary's last reward is the last training step's, not the final eval row's (which has none).
-    assert out["reward_last"] == rows[-1]["rollout/reward_mean"] and out["reward_first"] == rows[0]["rollout/reward_mean"]
+    assert out["reward_last"] == rows[-1]["rollout/reward_mean"]
+    assert out["reward_first"] == rows[0]["rollout/reward_mean"]
     r0, r1 = _rise(rows, "rollout/reward_mean")
     a0, a1 = _rise(rows, "rollout/accuracy")
     (_, e0), (_, e1) = out["eval_accuracy"][0], out["eval_accuracy"][-1]
@@ -136,7 +137,8 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
 
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8", "algo.n_samples=8",
                        # one minibatch of the whole batch: the fused path (pi_old from the update's own pass)
-                       "algo.prompts_per_step=8", "algo.minibatch_size=64", "actor.optimizer.lr=1e-3", "algo.kl_coef=0.01",
+                       "algo.prompts_per_step=8", "algo.minibatch_size=64", "actor.optimizer.lr=1e-3",
+                       "algo.kl_coef=0.01",
                        "checkpoint.every_n_steps=2", "eval_every=-1")
     run_dir = Path(cfg.run_dir)
     killed: list = []

@@ -138,7 +138,8 @@ class RolloutWorker:
                 lps = [float(c.logprobs[k][tok].logprob) for k, tok in enumerate(ids)]
                 results.append({"prompt_index": index_offset + i, "sample_index": j, "prompt_ids": list(p),
                                 "response_ids": ids, "logprobs": lps, "text": c.text,
-                                "cumulative_logprob": float(c.cumulative_logprob) if c.cumulative_logprob is not None else sum(lps),
+                                "cumulative_logprob": (float(c.cumulative_logprob)
+                                                       if c.cumulative_logprob is not None else sum(lps)),
                                 "finish_reason": c.finish_reason or "length"})
         return results
 
