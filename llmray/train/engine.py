@@ -5,12 +5,12 @@ RL actor and critic). The caller's process must know its rank and world: either 
 group already exists (Ray Train sets one up), or RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are
 in the environment, or it runs alone (world 1; a one-process gloo group is created on loopback).
 
-    engine = build_engine(model, ds, opt, total_steps=1000)
+    engine = build_deepspeed_engine(model, ds, opt, total_steps=1000)
     loss = engine(input_ids=x, labels=x, use_cache=False).loss
     engine.backward(loss); gn = optimizer_step(engine)  # the optimizer runs at accumulation boundaries
     state = gather_full_state_dict(engine)           # every rank must call it (a collective at ZeRO-3)
 
-`build_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
+`build_deepspeed_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
 ZeRO-3 keeps parameters sharded.
 """
 
@@ -95,7 +95,7 @@ def param_groups(model: "torch.nn.Module", weight_decay: float) -> list[dict[str
     return [g for g in groups if g["params"]]
 
 
-def build_engine(
+def build_deepspeed_engine(
     model: "torch.nn.Module",
     ds: DeepSpeedConfig,
     opt: OptimizerConfig | None,

@@ -117,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from llmray.report.metrics import MetricsLogger
-    from llmray.train.engine import build_engine, gather_full_state_dict, optimizer_step, setup_env
+    from llmray.train.engine import build_deepspeed_engine, gather_full_state_dict, optimizer_step, setup_env
 
     spec: LoopSpec = config["spec"]
     setup_env()
@@ -131,7 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     ckpt.set_rng_state(_seeded_rng(spec.seed + rank))
     model = spec.task.build_model()
-    engine = build_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps)
+    engine = build_deepspeed_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps)
     root = run_dir / "checkpoints"
     start = ckpt.resume_point(spec.resume, root)
     step, consumed = 0, 0

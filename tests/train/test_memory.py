@@ -12,7 +12,7 @@ PROBE = r'''
 import json, os, resource, sys, torch
 from llmray.models.factory import ModelConfig, build_model
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
-from llmray.train.engine import build_engine, init_distributed
+from llmray.train.engine import build_deepspeed_engine, init_distributed
 from llmray.train.lm import token_loss_sum
 from llmray.train.loop import rss_gb, peak_rss_gb
 a = json.loads(sys.argv[1])
@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # the import alone is ~0
 base = rss_gb()
 ds = DeepSpeedConfig(**a["ds"])
 model = build_model(ModelConfig(**a["model"]), None, seed=0)
-engine = build_engine(model, ds, OptimizerConfig(lr=1e-4), total_steps=10)
+engine = build_deepspeed_engine(model, ds, OptimizerConfig(lr=1e-4), total_steps=10)
 x = torch.randint(0, a["model"]["vocab_size"], (ds.micro_batch_size, a["seq_len"]))
 for _ in range(3):
     s, n = token_loss_sum(engine(input_ids=x, use_cache=False).logits, x)

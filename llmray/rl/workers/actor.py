@@ -45,12 +45,12 @@ class ActorWorker:
 
         from llmray.config import build
         from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
-        from llmray.train.engine import build_engine
+        from llmray.train.engine import build_deepspeed_engine
 
         torch.manual_seed(seed + int(os.environ.get("RANK", "0")))
         ds = build(DeepSpeedConfig, deepspeed, "actor.deepspeed")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.engine = build_engine(model, ds, build(OptimizerConfig, optimizer, "actor.optimizer"), total_steps)
+        self.engine = build_deepspeed_engine(model, ds, build(OptimizerConfig, optimizer, "actor.optimizer"), total_steps)
         self.micro_batch_size = ds.micro_batch_size
         self.temperature = temperature
         self.model_dir = model_dir

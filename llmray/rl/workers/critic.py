@@ -18,14 +18,14 @@ class CriticWorker:
         from llmray.config import build
         from llmray.rl.modeling import build_value_model
         from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
-        from llmray.train.engine import build_engine
+        from llmray.train.engine import build_deepspeed_engine
 
         torch.manual_seed(seed + int(os.environ.get("RANK", "0")))
         ds = build(DeepSpeedConfig, deepspeed, "critic.deepspeed")
         model = build_value_model(model_dir)
         self.init_from = model.init_from
         self.micro_batch_size = ds.micro_batch_size
-        self.engine = build_engine(model, ds, build(OptimizerConfig, optimizer, "critic.optimizer"), total_steps)
+        self.engine = build_deepspeed_engine(model, ds, build(OptimizerConfig, optimizer, "critic.optimizer"), total_steps)
 
     @register("split")
     def values(self, batch: RLBatch) -> RLBatch:
