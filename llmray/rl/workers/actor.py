@@ -50,7 +50,8 @@ class ActorWorker:
         torch.manual_seed(seed + int(os.environ.get("RANK", "0")))
         ds = build(DeepSpeedConfig, deepspeed, "actor.deepspeed")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.engine = build_deepspeed_engine(model, ds, build(OptimizerConfig, optimizer, "actor.optimizer"), total_steps)
+        opt = build(OptimizerConfig, optimizer, "actor.optimizer")
+        self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
         self.micro_batch_size = ds.micro_batch_size
         self.temperature = temperature
         self.model_dir = model_dir

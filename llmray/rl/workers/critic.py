@@ -25,7 +25,8 @@ class CriticWorker:
         model = build_value_model(model_dir)
         self.init_from = model.init_from
         self.micro_batch_size = ds.micro_batch_size
-        self.engine = build_deepspeed_engine(model, ds, build(OptimizerConfig, optimizer, "critic.optimizer"), total_steps)
+        opt = build(OptimizerConfig, optimizer, "critic.optimizer")
+        self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
 
     @register("split")
     def values(self, batch: RLBatch) -> RLBatch:
