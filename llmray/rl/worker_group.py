@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from typing import Any, Callable
 
+from llmray.cluster import free_port
 from llmray.errors import UserError
 from llmray.rl import dispatch as _dispatch
 
@@ -63,12 +63,6 @@ class WorkerStartError(WorkerError, UserError):
     """A worker failed to start (bad model dir, engine start-up failure, unschedulable resources)."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class _Host:
     """Holds one worker instance in a Ray actor; sets the rank env before building it."""
 
@@ -78,7 +72,7 @@ class _Host:
     def address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port("")  # other nodes connect: any interface
 
     def build(self, worker_cls: type, init_kwargs: dict, env: dict[str, str]) -> int:
         os.environ.update(env)
