@@ -133,8 +133,9 @@ def _candidates(staged: list[str], p: int, use_exact: bool, use_near: bool, veri
     hop2 = [second.remote(p, threshold, hop1[q][0], len(hop1), *[h[1 + q] for h in hop1], *sigs[q])
             for q in range(p)]
     vstats = ray.get([h[0] for h in hop2])
-    return ([h[1:] for h in hop2], bucket_stats,
-            {"verified_edges": sum(v["verified"] for v in vstats), "rejected_edges": sum(v["rejected"] for v in vstats)})
+    counts = {"verified_edges": sum(v["verified"] for v in vstats),
+              "rejected_edges": sum(v["rejected"] for v in vstats)}
+    return [h[1:] for h in hop2], bucket_stats, counts
 
 
 def find_duplicates(staged: list[str], out_dir: Path, p: int, use_exact: bool, use_near: bool,
