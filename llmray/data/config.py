@@ -109,22 +109,33 @@ class DedupConfig:
     """Drop documents whose case- and whitespace-normalised text hashes equal."""
     minhash: bool = True
     """Drop near duplicates found by MinHash LSH."""
-    ngram: int = 5
-    """Word n-gram shingle size."""
+    shingle: str = "word"
+    """`word`: n-grams of words; `char`: n-grams of characters; both on lower-cased text with
+    whitespace collapsed. Defaults measured on real text: docs/data.md, "Dedup parameters"."""
+    ngram: int = 2
+    """Shingle size in words or characters."""
     num_perm: int = 128
-    bands: int | None = 25
-    rows: int | None = 5
+    bands: int | None = 42
+    rows: int | None = 3
     """bands x rows <= num_perm. With both null they are derived from `threshold`."""
-    threshold: float = 0.7
-    """Jaccard threshold used to derive bands/rows (datasketch's optimiser) when they are null."""
+    threshold: float = 0.4
+    """Jaccard a candidate pair must reach (estimated from the two full signatures) to count as
+    duplicates when `verify`; also derives bands/rows (datasketch's optimiser) when they are null."""
+    verify: bool = True
+    """Check every LSH candidate pair against `threshold` before it joins a cluster."""
+    all_pairs_max: int = 64
+    """With `verify`: buckets of up to this many ids give every pair as candidates (a rejected
+    star centre then loses no true pair); larger buckets give a star from the smallest id."""
     seed: int = 1
     num_partitions: int = 4
     """Hash partitions of the key shuffle and of the component labels (any value gives the same output)."""
 
     def __post_init__(self) -> None:
+        check(self.shingle in ("word", "char"), "dedup.shingle", f"must be 'word' or 'char', got {self.shingle!r}")
         check(self.ngram >= 1, "dedup.ngram", "must be >= 1")
         check(self.num_perm >= 2, "dedup.num_perm", "must be >= 2")
         check(0.0 < self.threshold < 1.0, "dedup.threshold", "must be in (0, 1)")
+        check(self.all_pairs_max >= 0, "dedup.all_pairs_max", "must be >= 0")
         check(self.num_partitions >= 1, "dedup.num_partitions", "must be >= 1")
         check((self.bands is None) == (self.rows is None), "dedup.bands", "set both bands and rows, or neither")
         if self.bands is not None and self.rows is not None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from llmray.cluster import RayConfig
 from llmray.config import check
+from llmray.data.mix import MixConfig
 from llmray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class PackConfig:
     """Bad input records tolerated before the stage fails writing nothing."""
     num_cpus_per_task: float = 1.0
     force: bool = False
+    mix: MixConfig | None = None
+    """Several sources with weights and token budgets per phase (`llmray.data.mix`); replaces `input`."""
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

@@ -50,6 +50,8 @@ def staged_schema(cfg: CleanDedupConfig, bands: int):
 
     fields = [("id", pa.string()), ("text", pa.string())] + [(c, pa.string()) for c in cfg.read.keep_columns]
     fields += [("_exact", pa.uint64()), ("_bands", pa.list_(pa.uint64(), bands))]
+    if cfg.dedup.minhash and cfg.dedup.verify:
+        fields.append(("_sig", pa.list_(pa.uint32(), cfg.dedup.num_perm)))
     return pa.schema(fields)
 
 
@@ -88,9 +90,11 @@ def sign_file(idx: int, uri: str, cfg: CleanDedupConfig, stage_dir: str) -> dict
             t = time.perf_counter()
             texts = batch["text"]
             exact = np.fromiter((mh.exact_hash(x) for x in texts), dtype=np.uint64, count=len(texts))
+            sig = None
             if cfg.dedup.minhash:
-                sh, starts = mh.shingle_hashes(texts, cfg.dedup.ngram)
-                keys = mh.band_keys(mh.signatures(sh, starts, a, b), bands, rows)
+                sh, starts = mh.shingle_hashes(texts, cfg.dedup.ngram, cfg.dedup.shingle)
+                sig = mh.signatures(sh, starts, a, b)
+                keys = mh.band_keys(sig, bands, rows)
             else:
                 keys = np.zeros((len(texts), bands), dtype=np.uint64)
             secs["minhash"] += time.perf_counter() - t
@@ -98,6 +102,8 @@ def sign_file(idx: int, uri: str, cfg: CleanDedupConfig, stage_dir: str) -> dict
             cols = {k: batch[k] for k in ["id", "text", *cfg.read.keep_columns]}
             cols["_exact"] = exact
             cols["_bands"] = pa.FixedSizeListArray.from_arrays(pa.array(keys.reshape(-1), pa.uint64()), bands)
+            if "_sig" in schema.names:
+                cols["_sig"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1), pa.uint32()), sig.shape[1])
             writer.write_table(pa.table(cols, schema=schema))
             counts["clean/out"] += len(texts)
             secs["write"] += time.perf_counter() - t

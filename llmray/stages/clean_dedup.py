@@ -122,7 +122,8 @@ def run(cfg: CleanDedupConfig) -> dict:
         use_near = cfg.dedup.minhash
         if cfg.dedup.exact or use_near:
             dedup_stats = find_duplicates(staged, removed_dir, cfg.dedup.num_partitions, cfg.dedup.exact,
-                                          use_near, cfg.num_cpus_per_task)
+                                          use_near, cfg.num_cpus_per_task, verify=cfg.dedup.verify,
+                                          threshold=cfg.dedup.threshold, all_pairs_max=cfg.dedup.all_pairs_max)
         else:
             removed_dir.mkdir(parents=True)
             dedup_stats = {"removed": 0, "removed_by_reason": {}}

@@ -31,6 +31,34 @@ def _input_files(path: str) -> list[str]:
     return resolve_files(path)
 
 
+def _run_mix(cfg: PackConfig, tok) -> dict:
+    """`pack` with a `mix` section: several sources, weights and phases, tokens counted per source."""
+    from llmray.cluster import init_ray
+    from llmray.data.mix import mix_and_pack
+
+    files = {s.name: _input_files(s.input) for s in cfg.mix.sources}
+    init_ray(cfg.ray)
+    t0 = time.monotonic()
+    with artifacts.publish(cfg.output) as tmp:
+        (tmp / "shards").mkdir()
+        m = mix_and_pack(cfg, files, tmp / "shards", tok.eos_token)
+        errors = m.pop("errors")
+        if len(errors) > cfg.max_errors:
+            raise UserError(f"{len(errors)} bad input records exceed max_errors={cfg.max_errors}; nothing was "
+                            f"published. First: {errors[0]['file']} {errors[0]['where']}: {errors[0]['error']}")
+        if m["num_sequences"] == 0:
+            raise UserError(f"the mix yields no full sequence of seq_len={cfg.seq_len} tokens; raise the phase "
+                            "budgets or lower seq_len")
+        metrics = {"seq_len": cfg.seq_len, "num_tokens": m["num_sequences"] * cfg.seq_len,
+                   "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "position_ids": cfg.reset_position_ids,
+                   "errors": len(errors), "seconds": round(time.monotonic() - t0, 3), **m}
+        inputs = [p for p in [cfg.tokenizer, *(s.input for s in cfg.mix.sources)] if artifacts.is_complete(p)]
+        artifacts.write_manifest(tmp, "dataset", "llmray.stages.pack", to_dict(cfg), metrics, inputs)
+    log.info("pack: mixed %d sequences x %d tokens; shares %s", m["num_sequences"], cfg.seq_len,
+             m["share_by_source"])
+    return {"output": cfg.output, **{k: v for k, v in metrics.items() if k != "shards"}}
+
+
 def run(cfg: PackConfig) -> dict:
     """Stage `pack`: publish a packed `dataset` artifact (`shards/part-*.parquet` + manifest)."""
     import ray
@@ -51,6 +79,8 @@ def run(cfg: PackConfig) -> dict:
     if not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
         raise UserError(f"tokenizer {cfg.tokenizer} has no tokenizer.json (a fast tokenizer is needed)")
     eos_token = tok.eos_token
+    if cfg.mix is not None:
+        return _run_mix(cfg, tok)
     files = _input_files(cfg.input)
     init_ray(cfg.ray)
     t0 = time.monotonic()

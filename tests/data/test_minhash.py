@@ -133,3 +133,27 @@ def test_bucket_edges_all_pairs_for_verification():
                      "id": ["c", "a", "b"]})
     edges, _ = graph.bucket_edges(rows, all_pairs_max=8)
     assert sorted(zip(edges["node"].to_pylist(), edges["nbr"].to_pylist())) == [("a", "b"), ("a", "c"), ("b", "c")]
+
+
+def test_char_shingles_bit_identical_to_datasketch():
+    from datasketch import MinHash
+
+    texts = ["The quick  brown fox\njumps over the lazy dog.", "Naïve café", "abc", "", "Hello, World"]
+    sh, starts = mh.shingle_hashes(texts, 5, "char")
+    a, b = mh.permutations(32, seed=3)
+    sig = mh.signatures(sh, starts, a, b)
+    for i, t in enumerate(texts):
+        s = mh.normalise(t)
+        m = MinHash(num_perm=32, seed=3, hashfunc=mh.char_shingle_hash_of_bytes)
+        m.update_batch([s[j : j + 5].encode() for j in range(max(1, len(s) - 4))] if s else [])
+        np.testing.assert_array_equal(sig[i], m.hashvalues, err_msg=f"doc {i}")
+    # "the quick brown ..." normalised: 44 characters -> 40 five-character shingles.
+    assert starts[1] - starts[0] == len(mh.normalise(texts[0])) - 4 == 40
+    assert starts[3] - starts[2] == 1 and starts[4] == starts[3]
+
+
+def test_word_bigrams_of_normalised_text():
+    sh, starts = mh.shingle_hashes(["A  b C", "x"], 2)
+    assert list(starts) == [0, 2, 3]
+    assert sh[0] == mh.shingle_hash_py(["a", "b"]) and sh[1] == mh.shingle_hash_py(["b", "c"])
+    assert sh[2] == mh.shingle_hash_py(["x"])

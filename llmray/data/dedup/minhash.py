@@ -1,4 +1,4 @@
-"""Vectorised MinHash over word n-gram shingles, bit-identical to datasketch's `affine32` scheme.
+"""Vectorised MinHash over word or character n-gram shingles, bit-identical to datasketch's `affine32` scheme.
 
 A batch of documents becomes one flat array of shingle hashes (no Python loop per shingle), the
 permutations `a*h + b mod 2^32` run as one (shingles x perms) uint32 product per slice of the
@@ -61,25 +61,57 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
-def shingle_hashes(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def normalise(text: str) -> str:
+    """Shingling input: lower-cased, whitespace runs collapsed to one space."""
+    return " ".join(text.lower().split())
+
+
+def char_shingle_hash_py(chars: str) -> int:
+    """Reference 32-bit hash of one character shingle (FNV over code points)."""
+    h = int(_FNV_OFFSET)
+    for c in chars:
+        h = ((h ^ ord(c)) * int(_FNV_PRIME)) & 0xFFFFFFFFFFFFFFFF
+    return ((h >> 32) ^ h) & 0xFFFFFFFF
+
+
+def char_shingle_hash_of_bytes(data: bytes) -> int:
+    """`hashfunc` for datasketch with character shingles (the shingle's UTF-8 bytes)."""
+    return char_shingle_hash_py(data.decode("utf-8"))
+
+
+def shingle_hashes(texts: Sequence[str], ngram: int, shingle: str = "word") -> tuple[np.ndarray, np.ndarray]:
     """Flat uint32 shingle hashes of a batch and `starts` (n_docs + 1 offsets into them).
 
-    A document with fewer than `ngram` words has one shingle (all its words); an empty document
-    has none. Shingles never straddle two documents.
+    `shingle="word"`: n-grams of words; `"char"`: n-grams of code points of the normalised text.
+    A document shorter than `ngram` tokens has one shingle (all of them); an empty one has none.
+    Shingles never straddle two documents.
     """
-    toks = [words(t) for t in texts]
-    counts = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-    flat = [w for t in toks for w in t]
-    cache = {w: word_hash(w) for w in set(flat)}
-    wh = np.fromiter((cache[w] for w in flat), dtype=np.uint64, count=len(flat))
+    if shingle == "char":
+        norm = [normalise(t) for t in texts]
+        counts = np.fromiter((len(t) for t in norm), dtype=np.int64, count=len(norm))
+        wh = np.frombuffer("".join(norm).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        short = lambda d: char_shingle_hash_py(norm[d])  # noqa: E731
+    else:
+        toks = [words(t) for t in texts]
+        counts = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+        flat = [w for t in toks for w in t]
+        cache = {w: word_hash(w) for w in set(flat)}
+        wh = np.fromiter((cache[w] for w in flat), dtype=np.uint64, count=len(flat))
+        short = lambda d: shingle_hash_py(toks[d])  # noqa: E731
+    return _ngram_hashes(wh, counts, ngram, short)
+
+
+def _ngram_hashes(wh: np.ndarray, counts: np.ndarray, ngram: int, short) -> tuple[np.ndarray, np.ndarray]:
+    """FNV over every window of `ngram` token hashes inside each document; `short(d)` hashes a
+    document with fewer tokens than `ngram`."""
     ends = np.cumsum(counts)
     begins = ends - counts
     n_sh = np.where(counts >= ngram, counts - ngram + 1, np.minimum(counts, 1))
-    starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    starts = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(n_sh, out=starts[1:])
     with np.errstate(over="ignore"):
-        # Hash of the n-gram starting at every word position of the flat array (straddling
-        # ones are computed and then not selected).
+        # Hash of the n-gram starting at every position of the flat array (straddling ones are
+        # computed and then not selected).
         m = max(0, len(wh) - ngram + 1)
         h = np.full(m, _FNV_OFFSET, dtype=np.uint64)
         for j in range(ngram):
@@ -93,7 +125,7 @@ def shingle_hashes(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.nda
         dst = np.repeat(starts[long_docs], lens) + _ragged_arange(lens)
         out[dst] = full[src]
     for d in np.nonzero((counts > 0) & (counts < ngram))[0]:
-        out[starts[d]] = shingle_hash_py(toks[d])
+        out[starts[d]] = short(d)
     return out, starts
 
 
@@ -154,5 +186,7 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    return float(np.mean(sig_a == sig_b))
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray | float:
+    """Share of equal MinHash values: an unbiased estimate of Jaccard (rows of 2-D inputs)."""
+    eq = np.asarray(sig_a) == np.asarray(sig_b)
+    return eq.mean(axis=-1) if eq.ndim > 1 else float(eq.mean())
