@@ -14,24 +14,20 @@ from llmray.config import check, to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.dpo import DPOTask, with_ref_logps
-from llmray.train.trainer import TrainRunConfig
+from llmray.train.trainer import FineTuneConfig
 
 
 @dataclass(frozen=True)
-class DPOConfig(TrainRunConfig):
-    model: str = "artifacts/sft"
-    """Policy start (usually the SFT model artifact)."""
+class DPOConfig(FineTuneConfig):
+    """`model`: the policy's start (usually the SFT model). `data`: JSONL {"prompt": [messages],
+    "chosen": str, "rejected": str} per line."""
+
     ref_model: str | None = None
     """Frozen reference; default: the same as `model`."""
-    data: str = "artifacts/corpus/preference"
-    """JSONL: {"prompt": [messages], "chosen": str, "rejected": str} per line."""
     beta: float = 0.1
     """Strength of the KL anchor to the reference (higher = stay closer)."""
     label_smoothing: float = 0.0
     """Probability that a pair's label is flipped (cDPO); 0 = plain DPO."""
-    eval_fraction: float = 0.1
-    seq_len: int = 256
-    max_examples: int | None = None
     run_dir: str = "runs/dpo"
     output: str = "artifacts/dpo"
 
@@ -39,8 +35,6 @@ class DPOConfig(TrainRunConfig):
         super().__post_init__()
         check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
-        check(self.seq_len >= 8, "seq_len", "must be >= 8")
 
 
 Config = DPOConfig

@@ -14,27 +14,21 @@ from llmray.config import check, to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.reward_model import RewardTask
-from llmray.train.trainer import TrainRunConfig
+from llmray.train.trainer import FineTuneConfig
 
 
 @dataclass(frozen=True)
-class RewardModelConfig(TrainRunConfig):
-    model: str = "artifacts/sft"
-    """SFT model artifact the reward model starts from (its decoder; a fresh scalar head)."""
-    data: str = "artifacts/corpus/preference"
-    """JSONL: {"prompt": [messages], "chosen": str, "rejected": str} per line."""
-    eval_fraction: float = 0.1
-    seq_len: int = 256
+class RewardModelConfig(FineTuneConfig):
+    """`model`: the SFT model the reward model starts from (its decoder; a fresh scalar head). `data`:
+    JSONL {"prompt": [messages], "chosen": str, "rejected": str} per line."""
+
     margin: float = 0.0
     """Subtracted from r_chosen - r_rejected in the loss: the pair must win by this much."""
-    max_examples: int | None = None
     run_dir: str = "runs/reward_model"
     output: str = "artifacts/reward_model"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
-        check(self.seq_len >= 8, "seq_len", "must be >= 8")
         check(self.margin >= 0, "margin", "must be >= 0")
 
 

@@ -14,35 +14,26 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmray.config import check, to_dict
+from llmray.config import to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.lm import LoRAConfig
-from llmray.train.trainer import TrainRunConfig
+from llmray.train.trainer import FineTuneConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SFTConfig(TrainRunConfig):
+class SFTConfig(FineTuneConfig):
     model: str = "artifacts/pretrained"
-    """Model artifact (HF directory with its tokenizer) to fine-tune."""
     data: str = "artifacts/corpus/sft"
     """JSONL file or directory: {"messages": [{"role", "content"}, ...]} per line."""
     eval_fraction: float = 0.05
-    """Share of conversations held out (the last ones) for eval loss."""
-    seq_len: int = 256
     packing: bool = True
     """Pack several conversations per row (block-diagonal attention); false = one per row, padded."""
-    max_examples: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     run_dir: str = "runs/sft"
     output: str = "artifacts/sft"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
-        check(self.seq_len >= 8, "seq_len", "must be >= 8")
 
 
 Config = SFTConfig

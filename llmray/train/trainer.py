@@ -83,6 +83,26 @@ class TrainRunConfig:
               "nccl needs scaling.use_gpu=true")
 
 
+@dataclass(frozen=True)
+class FineTuneConfig(TrainRunConfig):
+    """The shared part of the post-training configs (SFT, reward model, DPO): a model to start from and
+    records to train on, the last `eval_fraction` of them held out."""
+
+    model: str = "artifacts/sft"
+    """Model artifact (HF directory with its tokenizer) to start from."""
+    data: str = "artifacts/corpus/preference"
+    """JSONL file or directory of training records."""
+    eval_fraction: float = 0.1
+    """Share of records held out (the last ones) for the eval metrics."""
+    seq_len: int = 256
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)")
+        check(self.seq_len >= 8, "seq_len", "must be >= 8")
+
+
 def default_budget_gb(cfg: TrainRunConfig) -> float:
     if cfg.scaling.use_gpu:
         import torch
