@@ -20,6 +20,8 @@ passages mixed with repeated random-word segments up to ~150 tokens apart (see `
     # ~20 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
     .venv/bin/python bench/serve.py
     .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
+    .venv/bin/python bench/serve.py --untrained --only ours,ours+json,ours/proxy,vllm_serve/inproc
+        # no training: an untrained target of the same shape, for the serving-stack variants only
 """
 
 from __future__ import annotations
@@ -205,7 +207,13 @@ def copy_accuracy(model, tok, n_tokens: int = 16) -> float:
     return hits / max(1, total)
 
 
-def prepare() -> dict[str, Path]:
+TARGET_SHAPE = {"preset": "tiny", "hidden_size": 192, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2}
+
+
+def prepare(untrained: bool = False) -> dict[str, Path]:
+    """The target, draft and quantized models. `untrained` (`--untrained`): only an untrained target of
+    the same shape, for the variants whose speed does not depend on what the model learned (ours, its
+    ingress, JSON mode, against vLLM's server: same tokens with ignore_eos); no speculation or W8A8."""
     from llmray.data import synthetic
     from llmray.models.tokenizer import save_tokenizer, train_tokenizer
 
@@ -214,8 +222,10 @@ def prepare() -> dict[str, Path]:
     if not (tok_dir / "tokenizer.json").is_file():
         rng = random.Random(0)
         save_tokenizer(train_tokenizer([synthetic.document(rng) for _ in range(3000)], vocab_size=1024), tok_dir)
-    target = train_copying_lm(WORK / "target", tok_dir, {"preset": "tiny", "hidden_size": 192, "num_layers": 3,
-                                                        "num_heads": 4, "num_kv_heads": 2}, seed=0)
+    if untrained:
+        return {"target": train_lm(WORK / "target-untrained", tok_dir, TARGET_SHAPE, steps=0, seed=0),
+                "draft": None, "quantized": None, "quant_metrics": None}
+    target = train_copying_lm(WORK / "target", tok_dir, TARGET_SHAPE, seed=0)
     draft = train_lm(WORK / "draft", tok_dir, {"preset": "tiny", "hidden_size": 64, "num_layers": 1,
                                               "num_heads": 2, "num_kv_heads": 1}, steps=TRAIN_STEPS, seed=1)
     from llmray.stages.quantize import QuantizeConfig, run as quantize
@@ -406,6 +416,9 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
         lines.append(f"{a + ' / ' + b + ' (each vs beside)':<52}"
                      + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
+    if quant is None:
+        lines.append("(--untrained: an untrained target of the same shape; no speculation or W8A8 variants)")
+        return "\n".join(lines)
     lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} "
                  f"(bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
                  f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} "
@@ -442,7 +455,7 @@ def stop_ray() -> None:
 def main() -> int:
     set_engine_env()
     t0 = time.monotonic()
-    m = prepare()
+    m = prepare(untrained="--untrained" in sys.argv)
     ps = prompts()
     # `--only a,b` reruns some variants and merges with the last saved results (say so when used).
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
