@@ -295,6 +295,22 @@ def build_app(cfg: ServeConfig):
     return LLMServer.options(**deployment_options(cfg)).bind({**to_dict(cfg), "api_key": key})
 
 
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (`http_options.host` of a Serve YAML), if Serve is running."""
+    try:
+        client = serve.context._get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:  # noqa: BLE001 - no Serve yet: the app's own `host` applies
+        return None
+
+
 def app_builder(args: dict[str, Any]):
-    """`import_path: llmray.serving.app:app_builder` in a Serve YAML; `args` is a ServeConfig mapping."""
-    return build_app(build(ServeConfig, args))
+    """`import_path: llmray.serving.app:app_builder` in a Serve YAML; `args` is a ServeConfig mapping.
+    The key check applies to the address Serve really binds (the YAML's http_options.host)."""
+    from llmray.config import replace
+
+    cfg = build(ServeConfig, args)
+    host = _serve_http_host()
+    if host and "host" not in args:
+        cfg = replace(cfg, host=host)
+    return build_app(cfg)
