@@ -169,6 +169,8 @@ class LLMServer:
             raise APIError(404, f"model '{data['model']}' does not exist; this server serves "
                            f"{sorted(self.models)}", "model", code="model_not_found")
         seqs = guards.check_request(data, route, self.cfg.limits)
+        if route == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
+            req.max_completion_tokens = self.cfg.limits.default_max_tokens  # capped by the context left
         return req, seqs, guards.timeout_s(request.headers, self.cfg.limits.request_timeout_s), \
             guards.is_json_mode(data)
 

@@ -26,7 +26,8 @@ class LimitsConfig:
     max_prompts: int = 32
     """Largest batch of prompts in one completions request."""
     default_max_tokens: int = 256
-    """Used when a request omits max_tokens (capped by the context left after the prompt)."""
+    """Chat: used when a request omits max_tokens and max_completion_tokens (capped by the context left
+    after the prompt). Completions keep OpenAI's default of 16."""
 
     def __post_init__(self) -> None:
         check(self.max_queue >= 0, "limits.max_queue", "must be >= 0")

@@ -26,7 +26,7 @@ def start_test_server(model_dir, app_name: str = "llm-test", route_prefix: str =
         "model": str(model_dir), "served_model_name": "tiny", "port": 0, "app_name": app_name,
         "route_prefix": route_prefix, "api_key_env": DRIVER_ONLY_KEY_ENV,
         "engine": {"max_model_len": 256, "max_num_seqs": 16, "kv_cache_gb": 1},
-        "limits": {"max_queue": 56, "request_timeout_s": 120, "max_body_bytes": 65536},
+        "limits": {"max_queue": 56, "request_timeout_s": 120, "max_body_bytes": 65536, "default_max_tokens": 40},
         "deployment": {"graceful_shutdown_timeout_s": 60, "health_check_period_s": 2},
     })
     return start(cfg)

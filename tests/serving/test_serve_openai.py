@@ -129,6 +129,14 @@ def test_vllm_sampling_extras_and_echo_work(client):
     assert choice.choices[0].message.content in ("yes", "no")
 
 
+def test_omitted_max_tokens_defaults_to_the_limit(client):
+    """Chat: limits.default_max_tokens (40 in conftest); completions: OpenAI's (and vLLM's) 16."""
+    out = client.chat.completions.create(model="tiny", messages=_ask("a"), extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 40
+    out = client.completions.create(model="tiny", prompt="a", temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16
+
+
 def test_unknown_argument_is_a_400_naming_it(server, headers):
     for route, body in [("completions", {"prompt": "hi", "max_tokens": 2}),
                         ("chat/completions", {"messages": _ask("hi"), "max_tokens": 2})]:
