@@ -20,6 +20,8 @@ passages mixed with repeated random-word segments up to ~150 tokens apart (see `
     # ~20 min on 2 cores (+~11 min to train the models once); JSON -> bench/results/serve.json
     .venv/bin/python bench/serve.py
     .venv/bin/python bench/serve.py --only ours,ours/proxy   # rerun some variants, keep the others
+    .venv/bin/python bench/serve.py --untrained --only ours,ours+json,ours/proxy,vllm_serve/inproc
+        # no training: an untrained target of the same shape, for the serving-stack variants only
 """
 
 from __future__ import annotations
@@ -205,7 +207,13 @@ def copy_accuracy(model, tok, n_tokens: int = 16) -> float:
     return hits / max(1, total)
 
 
-def prepare() -> dict[str, Path]:
+TARGET_SHAPE = {"preset": "tiny", "hidden_size": 192, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2}
+
+
+def prepare(untrained: bool = False) -> dict[str, Path]:
+    """The target, draft and quantized models. `untrained` (`--untrained`): only an untrained target of
+    the same shape, for the variants whose speed does not depend on what the model learned (ours, its
+    ingress, JSON mode, against vLLM's server: same tokens with ignore_eos); no speculation or W8A8."""
     from llmray.data import synthetic
     from llmray.models.tokenizer import save_tokenizer, train_tokenizer
 
@@ -214,8 +222,10 @@ def prepare() -> dict[str, Path]:
     if not (tok_dir / "tokenizer.json").is_file():
         rng = random.Random(0)
         save_tokenizer(train_tokenizer([synthetic.document(rng) for _ in range(3000)], vocab_size=1024), tok_dir)
-    target = train_copying_lm(WORK / "target", tok_dir, {"preset": "tiny", "hidden_size": 192, "num_layers": 3,
-                                                        "num_heads": 4, "num_kv_heads": 2}, seed=0)
+    if untrained:
+        return {"target": train_lm(WORK / "target-untrained", tok_dir, TARGET_SHAPE, steps=0, seed=0),
+                "draft": None, "quantized": None, "quant_metrics": None}
+    target = train_copying_lm(WORK / "target", tok_dir, TARGET_SHAPE, seed=0)
     draft = train_lm(WORK / "draft", tok_dir, {"preset": "tiny", "hidden_size": 64, "num_layers": 1,
                                               "num_heads": 2, "num_kv_heads": 1}, steps=TRAIN_STEPS, seed=1)
     from llmray.stages.quantize import QuantizeConfig, run as quantize
@@ -269,7 +279,13 @@ def set_engine_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None) -> dict[int, dict]:
+# ignore_eos as for free text: every request decodes MAX_TOKENS tokens (after the object closes, the grammar
+# allows only EOS), so tok/s compares the same work with and without the grammar.
+JSON_MODE = {"response_format": {"type": "json_object"}}
+
+
+def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | None = None,
+          extra: dict | None = None) -> dict[int, dict]:
     """Each concurrency level on `url`; with `beside` (vLLM's server), the same level on it in the order
     ours, vLLM, vLLM, ours (ROUNDS=2; ABBA...), pooled per side: this machine's speed drifts by 2x over
     minutes, and a drift that is steady over a level's rounds then weighs on both sides alike. Each
@@ -289,7 +305,8 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
                 if u:
                     if beside:  # alone, there is no other server to wait for
                         time.sleep(SETTLE_S)
-                    runs.append(run_load(u, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key if u == url else None))
+                    runs.append(run_load(u, "bench", ps, c, REQUESTS[c], MAX_TOKENS, api_key if u == url else None,
+                                         extra if u == url else None))
         res[c] = merge(ours)
         msg = f"  c={c}: {res[c]['out_tok_s']:.0f} tok/s, {res[c]['req_s']:.2f} req/s, errors {res[c]['errors']}"
         if beside:
@@ -310,7 +327,9 @@ def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str,
     handle = start(cfg)
     log(f"  ready in {time.monotonic() - t:.0f}s at {handle.url} (ingress: {ingress})")
     try:
-        return sweep(handle.url, ps, handle.api_key, beside)
+        # `ours+json`: the same load in JSON mode (response_format json_object) on ours; the beside
+        # server gets free text, so ours+json / ours compares JSON mode with free text on ours.
+        return sweep(handle.url, ps, handle.api_key, beside, JSON_MODE if name == "ours+json" else None)
     finally:
         handle.shutdown()
 
@@ -387,17 +406,21 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
                  f"ratio = out tok/s over it)")
     lines.append("")
     lines.append(f"{'ratios (output tok/s)':<50}{'c=1':>6}{'c=8':>8}{'c=32':>8}   target")
-    for a, target in [("ours", ">= 0.9"), ("ours/proxy", ">= 0.9"), ("ours/separate", ""),
+    for a, target in [("ours", ">= 1.0"), ("ours/proxy", ">= 1.0"), ("ours/separate", ""),
                       ("vllm_serve/inproc", "(vLLM, worker in its engine core)")]:
         lines.append(f"{a + ' / vllm_serve beside it':<52}"
                      + "".join(f"{vs_beside(results, a, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
     # Variants of ours against ours: each normalised by its own vllm_serve-beside run (speed drift cancels).
     for a, b, target in [("ours+ngram", "ours", ">= 1.5 at c=1"), ("ours+ngram/proxy", "ours/proxy", ">= 1.5 at c=1"),
+                         ("ours+json", "ours", ">= 0.8 (JSON mode vs free text)"),
                          ("ours+draft", "ours", ">= 1.5 at c=1"), ("ours+w8a8", "ours", ">= 1.2 (or size <= 0.6)")]:
         lines.append(f"{a + ' / ' + b + ' (each vs beside)':<52}"
                      + "".join(f"{vs_beside(results, a, c) / vs_beside(results, b, c):>8.2f}" for c in CONCURRENCY)
                      + f"   {target}")
+    if quant is None:
+        lines.append("(--untrained: an untrained target of the same shape; no speculation or W8A8 variants)")
+        return "\n".join(lines)
     lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} "
                  f"(bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
                  f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} "
@@ -434,7 +457,7 @@ def stop_ray() -> None:
 def main() -> int:
     set_engine_env()
     t0 = time.monotonic()
-    m = prepare()
+    m = prepare(untrained="--untrained" in sys.argv)
     ps = prompts()
     # `--only a,b` reruns some variants and merges with the last saved results (say so when used).
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
@@ -456,6 +479,7 @@ def main() -> int:
         "direct": {"ours": (m["target"], ENGINE),
                    # Our replica with vLLM's default CPU layout (the model worker in a third process).
                    "ours/separate": (m["target"], {**ENGINE, "worker_process": "separate"}),
+                   "ours+json": (m["target"], ENGINE),
                    "ours+ngram": (m["target"], ngram), "ours+w8a8": (m["quantized"], ENGINE),
                    "ours+draft": (m["target"], draft)},
         "proxy": {"ours/proxy": (m["target"], ENGINE), "ours+ngram/proxy": (m["target"], ngram)},

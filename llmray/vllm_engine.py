@@ -111,11 +111,13 @@ def build_llm(model: str, cfg: EngineConfig, **kwargs) -> "LLM":
     return LLM(**kw, **kwargs)
 
 
-def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None) -> "AsyncLLM":
-    """Start vLLM's async engine (its engine core runs in a child process)."""
+def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None,
+                 **overrides) -> "AsyncLLM":
+    """Start vLLM's async engine (its engine core runs in a child process). `overrides` are added to
+    the engine arguments (serving's structured outputs, prefix caching, LoRA)."""
     apply_engine_env(cfg)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(**engine_kwargs(model, cfg, served_name), disable_log_stats=False)
+    args = AsyncEngineArgs(**{**engine_kwargs(model, cfg, served_name), **overrides}, disable_log_stats=False)
     return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)

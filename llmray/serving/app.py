@@ -1,5 +1,7 @@
-"""The Ray Serve application: one FastAPI ingress deployment (OpenAI routes, auth, admission
-control, timeouts, metrics) wrapping a vLLM `AsyncLLM` per replica.
+"""The Ray Serve application: one FastAPI ingress deployment per replica, with llmray's guards (auth,
+body cap, OpenAI's ranges, admission by sequences, timeouts, disconnects, metrics) in front of vLLM's
+own OpenAI layer (`OpenAIServingChat`, `OpenAIServingCompletion`, `OpenAIServingModels`, its tool-call
+parsers and structured outputs) around a vLLM `AsyncLLM`.
 
 `build_app(cfg)` returns the bound Serve application; `app_builder(args)` is the `import_path`
 target of the Serve YAMLs in `serving/` (`serve run serving/tiny_cpu.yaml`).
@@ -18,12 +20,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmray.config import build, to_dict
-from llmray.serving import generate as gen
-from llmray.serving.auth import check_bearer, resolve_api_key
+from llmray.serving import guards
+from llmray.serving.auth import check_bearer, require_key_for_bind
 from llmray.serving.config import ServeConfig
+from llmray.serving.errors import APIError
 from llmray.vllm_engine import engine_env
-from llmray.serving.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
-from llmray.serving.stream import batches, pump
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "LLMServer"
@@ -51,26 +52,29 @@ async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class LLMServer:
-    """One replica: a vLLM engine plus admission control (engine slots + a bounded queue)."""
+    """One replica: a vLLM engine, vLLM's OpenAI serving classes, and admission control in sequences
+    (engine slots + a bounded queue)."""
 
     async def __init__(self, cfg: dict[str, Any]):
-        from transformers import AutoTokenizer
-
-        from llmray.vllm_engine import build_engine
+        from llmray.serving import openai_layer
         from llmray.serving.metrics import ServingMetrics, stat_logger_factory
+        from llmray.vllm_engine import build_engine
 
         self.cfg: ServeConfig = build(ServeConfig, cfg)
         self.name = self.cfg.name()
-        self.api_key = resolve_api_key(self.cfg.api_key, self.cfg.api_key_env)
+        # The key comes with the deployment's config (resolved where the app was built), never from
+        # this replica's own environment: a node without the variable still requires it.
+        self.api_key = self.cfg.api_key
         self.metrics = ServingMetrics(self.name)
-        self.tok = AutoTokenizer.from_pretrained(self.cfg.model)
         self.engine = build_engine(self.cfg.model, self.cfg.engine, self.name,
-                                   stat_loggers=[stat_logger_factory(self.metrics)])
-        self.vocab = self.engine.model_config.get_vocab_size()
-        self.max_model_len = self.cfg.engine.max_model_len
+                                   stat_loggers=[stat_logger_factory(self.metrics)],
+                                   **self.cfg.serving_engine_kwargs())
+        self.state = await openai_layer.build_state(
+            self.engine, openai_layer.frontend_argv(self.cfg.model, self.name, self.cfg))
+        self.models = {self.name, *self.cfg.lora.adapters}
         self.capacity = self.cfg.engine.max_num_seqs + self.cfg.limits.max_queue
-        self.active = 0
-        self.created = int(time.time())
+        self.active = 0  # requests admitted
+        self.active_seqs = 0  # sequences admitted (what capacity counts)
 
     # ---- health, auth, admission -------------------------------------------------------------
 
@@ -93,41 +97,34 @@ class LLMServer:
     def _auth(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self.api_key)
 
-    def _admit(self, route: str) -> None:
-        if self.active >= self.capacity:
+    def _admit(self, route: str, seqs: int) -> None:
+        if seqs > self.capacity:
+            self._count(route, 400, "invalid_request_error")
+            raise APIError(400, f"request asks for {seqs} sequences (prompts x n); this server holds at most "
+                           f"{self.capacity} at once", "n", code="too_many_sequences")
+        if self.active_seqs + seqs > self.capacity:
             self.metrics.rejected.labels(self.name, "queue_full").inc()
             self._count(route, 503, "overloaded")
-            raise APIError(503, f"server is at capacity ({self.capacity} requests in flight); retry later",
-                           None, type="overloaded_error", code="server_overloaded", headers={"Retry-After": "1"})
+            raise APIError(503, f"server is at capacity ({self.active_seqs} of {self.capacity} sequences in "
+                           "flight); retry later", None, type="overloaded_error", code="server_overloaded",
+                           headers={"Retry-After": "1"})
         self.active += 1
-        self.metrics.in_flight.labels(self.name).set(self.active)
+        self.active_seqs += seqs
+        self._gauges()
 
-    def _release(self) -> None:
+    def _release(self, seqs: int) -> None:
         self.active -= 1
+        self.active_seqs -= seqs
+        self._gauges()
+
+    def _gauges(self) -> None:
         self.metrics.in_flight.labels(self.name).set(self.active)
+        self.metrics.seqs_in_flight.labels(self.name).set(self.active_seqs)
 
     def _count(self, route: str, status: int, err_type: str | None = None) -> None:
         self.metrics.requests.labels(self.name, route, str(status)).inc()
         if err_type:
             self.metrics.errors.labels(self.name, route, err_type).inc()
-
-    async def _body(self, request: Request) -> bytes:
-        limit = self.cfg.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}", None)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", None)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(404, f"model '{model}' does not exist; this server serves '{self.name}'",
-                           "model", code="model_not_found")
 
     # ---- routes --------------------------------------------------------------------------------
 
@@ -150,187 +147,112 @@ class LLMServer:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._auth(request)
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "llmray", "max_model_len": self.max_model_len}]}
+        listed = await self.state.openai_serving_models.show_available_models()
+        return listed.model_dump()
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, "completions", CompletionRequest)
+        return await self._serve(request, "completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, "chat", ChatCompletionRequest)
+        return await self._serve(request, "chat")
 
     # ---- the request path ------------------------------------------------------------------------
 
-    async def _serve(self, request: Request, route: str, cls) -> Response:
+    def _check(self, request: Request, raw: bytes, route: str):
+        """Parse and guard one request: (vLLM request, sequences, timeout, JSON mode)."""
+        from llmray.serving.openai_layer import parse_request
+
+        data, req = parse_request(raw, route)
+        if data.get("model") is not None and data["model"] not in self.models:
+            raise APIError(404, f"model '{data['model']}' does not exist; this server serves "
+                           f"{sorted(self.models)}", "model", code="model_not_found")
+        seqs = guards.check_request(data, route, self.cfg.limits)
+        if route == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
+            req.max_completion_tokens = self.cfg.limits.default_max_tokens  # capped by the context left
+        return req, seqs, guards.timeout_s(request.headers, self.cfg.limits.request_timeout_s), \
+            guards.is_json_mode(data)
+
+    async def _serve(self, request: Request, route: str) -> Response:
         try:
             self._auth(request)
-            req = parse_body(await self._body(request), cls)
-            self._check_model(req.model)
-            plan_fn = gen.plan_chat if cls is ChatCompletionRequest else gen.plan_completion
-            try:
-                plan = plan_fn(req, self.tok, self.vocab, self.max_model_len, self.cfg.limits)
-            except ValueError as e:  # vLLM's SamplingParams rejected a combination of parameters
-                raise APIError(400, f"invalid sampling parameters: {e}", None) from None
-            timeout_s = self._timeout_s(request)
+            raw = await guards.read_body(request, self.cfg.limits.max_body_bytes)
+            req, seqs, timeout_s, json_mode = self._check(request, raw, route)
         except APIError as e:
             self._count(route, e.status, e.type)
             raise
-        self._admit(route)  # raises 503 when full
-        want_lp = (req.logprobs is not None) if cls is CompletionRequest else bool(req.logprobs)
-        start = time.monotonic()
-        deadline = start + timeout_s
-        acc = gen.Accumulator(plan, self.tok)
-        stream = gen.run_plan(self.engine, plan)
-        released = False
+        self._admit(route, seqs)  # raises 503 when full
+        deadline = time.monotonic() + timeout_s
+        handed_off = False
         try:
-            if not req.stream:
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        first = None
-                        async for i, out in stream:
-                            acc.add(i, out)
-                            if first is None and acc.completion_tokens:
-                                first = time.monotonic()
-                except TimeoutError:
-                    raise self._timeout(route, timeout_s) from None
-                self._observe(start, first, acc)
-                self._count(route, 200)
-                self.metrics.prompt_tokens.labels(self.name).inc(acc.prompt_tokens)
-                return JSONResponse(gen.final_response(acc, plan, self.name, want_lp))
-            # Streaming: wait for the first output before sending headers, so that a timeout or
-            # an engine error still gets a real status code.
+            result = await self._call(request, route, req, timeout_s)
+            if not hasattr(result, "__aiter__"):
+                return self._json(route, result, json_mode)
+            # Streaming: wait for the first event before sending headers, so that a timeout or an
+            # engine error still gets a real status code.
             try:
-                async with asyncio.timeout(timeout_s):
-                    first_item = await anext(stream, None)
+                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                    first = await anext(result, None)
             except TimeoutError:
+                await result.aclose()
                 raise self._timeout(route, timeout_s) from None
-            released = True
-            return StreamingResponse(self._sse(route, plan, acc, stream, first_item, start, deadline, want_lp, req),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - engine failure: 500 with an OpenAI error object
-            self._count(route, 500, "server_error")
-            log.exception("generation failed")
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", None, type="server_error") from None
-        finally:
-            if not released:
-                await stream.aclose()
-                self._release()
+            from llmray.serving.jsonclose import StreamCloser
+            from llmray.serving.respond import sse_body
 
-    def _timeout_s(self, request: Request) -> float:
-        """limits.request_timeout_s, or a shorter `X-Request-Timeout: <seconds>` from the client."""
-        limit = self.cfg.limits.request_timeout_s
-        raw = request.headers.get("x-request-timeout")
-        if raw is None:
-            return limit
+            def on_end(status: int, err: str | None) -> None:
+                self._count(route, status, err)
+                self._release(seqs)
+
+            handed_off = True
+            body = sse_body(self, route, result, first, deadline, StreamCloser() if json_mode else None, on_end)
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finally:
+            if not handed_off:
+                self._release(seqs)
+
+    async def _call(self, request: Request, route: str, req, timeout_s: float):
+        """vLLM's handler for `route`: a response object, an ErrorResponse (raised as APIError here),
+        or an async generator of SSE events."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        from llmray.serving.openai_layer import error_from_vllm
+        from llmray.serving.respond import with_disconnect
+
+        if route == "chat":
+            work = self.state.openai_serving_chat.create_chat_completion(req, request)
+        else:
+            work = self.state.openai_serving_completion.create_completion(req, request)
         try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise APIError(400, f"X-Request-Timeout must be a positive number of seconds, got {raw!r}",
-                           "X-Request-Timeout")
-        return min(value, limit)
+            async with asyncio.timeout(timeout_s):
+                result = await with_disconnect(request, work)
+        except TimeoutError:
+            raise self._timeout(route, timeout_s) from None
+        except ConnectionAbortedError:
+            self._count(route, 499, "client_disconnected")
+            raise APIError(499, "client disconnected", None) from None
+        except Exception as e:  # noqa: BLE001 - vLLM raises its validation errors
+            result = create_error_response(e)
+        if isinstance(result, ErrorResponse):
+            err = error_from_vllm(result, route)
+            self._count(route, err.status, err.type)
+            raise err
+        return result
+
+    def _json(self, route: str, result, json_mode: bool) -> JSONResponse:
+        body = result.model_dump()
+        if json_mode:
+            from llmray.serving.jsonclose import close_choices
+
+            close_choices(body)
+        self._count(route, 200)
+        return JSONResponse(body)
 
     def _timeout(self, route: str, timeout_s: float) -> APIError:
         self._count(route, 504, "timeout")
         return APIError(504, f"request did not finish within {timeout_s:g}s and was aborted", None,
                         type="timeout_error", code="request_timeout")
-
-    def _observe(self, start: float, first: float | None, acc: gen.Accumulator) -> None:
-        end = time.monotonic()
-        self.metrics.e2e.labels(self.name).observe(end - start)
-        self.metrics.observe_tokens(acc.completion_tokens)
-        if first is not None:
-            self.metrics.ttft.labels(self.name).observe(first - start)
-            per_seq = acc.completion_tokens / max(1, len(acc.choices))
-            if per_seq > 1:
-                self.metrics.tpot.labels(self.name).observe((end - first) / (per_seq - 1))
-
-    async def _sse(self, route, plan, acc, stream, first_item, start, deadline, want_lp, req):
-        """SSE events of one streamed request. A pump task reads the engine stream into a queue;
-        this generator sends what is ready as one chunk, at most every `stream_flush_ms` (the first
-        chunk and the last at once, see `llmray.serving.stream`), so a token costs no Ray hop of its own."""
-        first_at = None
-        ok = False
-        queue: asyncio.Queue = asyncio.Queue()
-        pump_task = asyncio.create_task(pump(stream, first_item, queue))
-        chunks = batches(queue, self.cfg.stream_flush_ms / 1000.0)
-        try:
-            head = b""
-            if plan.chat:
-                head = b"".join(gen.sse({"id": "chatcmpl-" + plan.request_id, "object": "chat.completion.chunk",
-                                         "created": plan.created, "model": self.name,
-                                         "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]})
-                                 for k in range(len(acc.choices)))
-            done = False
-            while not done:
-                try:
-                    async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                        items = await anext(chunks)
-                except TimeoutError:
-                    self._count(route, 504, "timeout")
-                    yield (head + gen.sse(APIError(504, "request timed out while streaming and was aborted", None,
-                                                   type="timeout_error", code="request_timeout").body())
-                           + gen.sse("[DONE]"))
-                    ok = True
-                    return
-                parts = [head]
-                head = b""
-                for item in items:
-                    if item is None:
-                        done = True
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    i, out = item
-                    before = acc.completion_tokens
-                    deltas = acc.add(i, out)
-                    if first_at is None and acc.completion_tokens:
-                        first_at = time.monotonic()
-                    self.metrics.observe_tokens(acc.completion_tokens - before)
-                    parts.extend(gen.sse(chunk) for chunk in gen.stream_chunks(plan, self.name, deltas, want_lp))
-                if done:
-                    if req.include_usage():
-                        parts.append(gen.sse({"id": ("chatcmpl-" if plan.chat else "cmpl-") + plan.request_id,
-                                              "object": "chat.completion.chunk" if plan.chat else "text_completion",
-                                              "created": plan.created, "model": self.name, "choices": [],
-                                              "usage": acc.usage()}))
-                    parts.append(gen.sse("[DONE]"))
-                chunk = b"".join(parts)
-                if chunk:
-                    yield chunk
-            ok = True
-            self._count(route, 200)
-            self.metrics.prompt_tokens.labels(self.name).inc(acc.prompt_tokens)
-            end = time.monotonic()
-            self.metrics.e2e.labels(self.name).observe(end - start)
-            if first_at is not None:
-                self.metrics.ttft.labels(self.name).observe(first_at - start)
-                per_seq = acc.completion_tokens / max(1, len(acc.choices))
-                if per_seq > 1:
-                    self.metrics.tpot.labels(self.name).observe((end - first_at) / (per_seq - 1))
-        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
-            self._count(route, 500, "server_error")
-            log.exception("streaming failed")
-            yield gen.sse(APIError(500, f"generation failed: {type(e).__name__}", None, type="server_error").body())
-        finally:
-            if not ok:  # the client went away mid-stream
-                self.metrics.errors.labels(self.name, route, "client_disconnected").inc()
-            # A client that went away cancels this generator: stopping the pump and closing the
-            # engine stream aborts the vLLM request, which frees its slot and KV cache.
-            await chunks.aclose()
-            pump_task.cancel()
-            try:
-                await pump_task
-            except BaseException:  # noqa: BLE001 - cancelled, or its error was already reported
-                pass
-            await stream.aclose()
-            self._release()
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -344,7 +266,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         max_ongoing_requests=max_ongoing,
         max_queued_requests=dep.max_queued_requests,
         ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus,
-                           "runtime_env": {"env_vars": engine_env(cfg.engine)}},
+                           "runtime_env": {"env_vars": {**engine_env(cfg.engine), **cfg.replica_env()}}},
         graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=dep.health_check_period_s,
@@ -369,9 +291,28 @@ def build_app(cfg: ServeConfig):
 
     check_model_dir(cfg.model)
     engine_kwargs(cfg.model, cfg.engine)  # fails early on a bad draft model
-    return LLMServer.options(**deployment_options(cfg)).bind(to_dict(cfg))
+    # Fail closed: a non-loopback bind needs a key; the key resolved here travels to every replica
+    # inside the deployment's init config (replicas never read their own environment for it).
+    key = require_key_for_bind(cfg)
+    return LLMServer.options(**deployment_options(cfg)).bind({**to_dict(cfg), "api_key": key})
+
+
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (`http_options.host` of a Serve YAML), if Serve is running."""
+    try:
+        client = serve.context._get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:  # noqa: BLE001 - no Serve yet: the app's own `host` applies
+        return None
 
 
 def app_builder(args: dict[str, Any]):
-    """`import_path: llmray.serving.app:app_builder` in a Serve YAML; `args` is a ServeConfig mapping."""
-    return build_app(build(ServeConfig, args))
+    """`import_path: llmray.serving.app:app_builder` in a Serve YAML; `args` is a ServeConfig mapping.
+    The key check applies to the address Serve really binds (the YAML's http_options.host)."""
+    from llmray.config import replace
+
+    cfg = build(ServeConfig, args)
+    host = _serve_http_host()
+    if host and "host" not in args:
+        cfg = replace(cfg, host=host)
+    return build_app(cfg)

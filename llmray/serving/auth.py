@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
-from llmray.serving.schemas import APIError
+from llmray.serving.errors import APIError
 
 PUBLIC_PATHS = ("/health", "/ready")
 
@@ -17,6 +17,23 @@ def resolve_api_key(api_key: str | None, api_key_env: str | None) -> str | None:
     if api_key_env and os.environ.get(api_key_env):
         return os.environ[api_key_env]
     return None
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def require_key_for_bind(cfg) -> str | None:
+    """The API key for a ServeConfig; a UserError (the server refuses to start) when it binds to
+    anything other than loopback without one."""
+    from llmray.errors import UserError
+
+    key = resolve_api_key(cfg.api_key, cfg.api_key_env)
+    if key is None and cfg.host not in LOOPBACK and not cfg.host.startswith("127."):
+        env = cfg.api_key_env or "LLMRAY_API_KEY"
+        raise UserError(f"refusing to serve on {cfg.host} without an API key: set one with "
+                        f"`export {env}=<a secret of 8+ characters>` (or api_key in the config), "
+                        "or bind to 127.0.0.1")
+    return key
 
 
 def check_bearer(authorization: str | None, expected: str | None) -> None:

@@ -13,7 +13,8 @@ from llmray.vllm_engine import EngineConfig
 @dataclass(frozen=True)
 class LimitsConfig:
     max_queue: int = 64
-    """Requests a replica accepts beyond `engine.max_num_seqs` (they wait for a slot). Past it: 503 at once."""
+    """Sequences a replica accepts beyond `engine.max_num_seqs` (they wait for a slot). Past it: 503 at
+    once. A request counts as prompts x max(n, best_of) sequences."""
     request_timeout_s: float = 120.0
     """A request not finished after this long is aborted: 504 (or an error event if already streaming)."""
     max_body_bytes: int = 1_000_000
@@ -25,7 +26,8 @@ class LimitsConfig:
     max_prompts: int = 32
     """Largest batch of prompts in one completions request."""
     default_max_tokens: int = 256
-    """Used when a request omits max_tokens (capped by the context left after the prompt)."""
+    """Chat: used when a request omits max_tokens and max_completion_tokens (capped by the context left
+    after the prompt). Completions keep OpenAI's default of 16."""
 
     def __post_init__(self) -> None:
         check(self.max_queue >= 0, "limits.max_queue", "must be >= 0")
@@ -102,6 +104,40 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """vLLM's OpenAI layer, as `vllm serve` flags."""
+    tool_call_parser: str | None = "hermes"
+    """Parser of tool calls in the model's output. `hermes` (`<tool_call>{"name", "arguments"}</tool_call>`)
+    fits the ChatML template our tokenizer ships; None: no tool calls."""
+    tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
+    """With `structural_tags`: `parameter` pins tool-call arguments to their schemas; vLLM's default
+    `auto` constrains arguments only for tools marked `strict`."""
+    structural_tags: bool = False
+    """False (llmray's default): forced tool calls (`tool_choice` required or a named function) are
+    generated under a JSON schema of the declared functions and their argument schemas, without free
+    whitespace, so they parse even from a weak model. True: vLLM's structural tags for the parser's
+    `<tool_call>` format (VLLM_ENFORCE_STRICT_TOOL_CALLING), whose grammar allows free whitespace."""
+    structured_outputs_backend: str = "xgrammar"
+    disable_any_whitespace: bool = True
+    """Structured outputs without free whitespace: a small model cannot ramble spaces until max_tokens."""
+    extra_args: list[str] = field(default_factory=list)
+    """More `vllm serve` frontend flags, passed through unchanged (e.g. ["--enable-prompt-tokens-details"])."""
+
+
+@dataclass(frozen=True)
+class LoRAServeConfig:
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Adapter name -> directory of an unmerged PEFT adapter (`llmray sft` with lora.merge: false).
+    Each is listed in /v1/models and selected with `model: <name>`; the base stays servable."""
+    max_lora_rank: int = 16
+    max_loras: int = 2
+    """Adapters batched at once."""
+
+    def __post_init__(self) -> None:
+        check(self.max_lora_rank >= 1 and self.max_loras >= 1, "lora.max_lora_rank", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: str = "artifacts/model"
     """Model artifact or HF directory to serve."""
@@ -115,10 +151,16 @@ class ServeConfig:
     app_name: str = "llm"
     route_prefix: str = "/"
     api_key: str | None = None
-    """Bearer key required on every route except /health and /ready."""
+    """Bearer key required on every route except /health and /ready (and /metrics needs it too)."""
     api_key_env: str | None = "LLMRAY_API_KEY"
-    """Environment variable read for the key when `api_key` is unset (keeps secrets out of YAML)."""
+    """Environment variable read for the key when `api_key` is unset (keeps secrets out of YAML). It is
+    read where the application is built (the driver) and shipped to every replica in the deployment's
+    config. Without a key the server starts only on a loopback `host` (fail closed)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    lora: LoRAServeConfig = field(default_factory=LoRAServeConfig)
+    prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (system prompts, chat history); hit rate in /metrics."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -149,6 +191,20 @@ class ServeConfig:
               f"deployment.autoscaling.max_replicas=1 (got {self.deployment.autoscaling.max_replicas}), "
               "or ingress=proxy to autoscale")
         check(0 <= self.stream_flush_ms <= 1000, "stream_flush_ms", f"must be in [0, 1000], got {self.stream_flush_ms}")
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment of the replica process (read by vLLM's OpenAI layer)."""
+        return {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "1" if self.openai.structural_tags else "0"}
+
+    def serving_engine_kwargs(self) -> dict:
+        """Engine arguments the server adds to `engine_kwargs` (the RL rollout engine does not)."""
+        o = self.openai
+        kw = {"enable_prefix_caching": self.prefix_caching,
+              "structured_outputs_config": {"backend": o.structured_outputs_backend,
+                                            "disable_any_whitespace": o.disable_any_whitespace}}
+        if self.lora.adapters:
+            kw.update(enable_lora=True, max_lora_rank=self.lora.max_lora_rank, max_loras=self.lora.max_loras)
+        return kw
 
     def name(self) -> str:
         from pathlib import Path

@@ -19,9 +19,10 @@ def percentile(xs: list[float], q: float) -> float:
     return s[k]
 
 
-async def _one(client, url: str, headers: dict, model: str, prompt: Any, max_tokens: int) -> dict[str, Any]:
+async def _one(client, url: str, headers: dict, model: str, prompt: Any, max_tokens: int,
+               extra: dict | None = None) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     ttft, tokens, ok = None, 0, False
     try:
@@ -47,7 +48,8 @@ async def _one(client, url: str, headers: dict, model: str, prompt: Any, max_tok
 
 
 async def run_load_async(url: str, model: str, prompts: list, concurrency: int, num_requests: int,
-                         max_tokens: int, api_key: str | None = None) -> dict[str, Any]:
+                         max_tokens: int, api_key: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """`extra`: more request fields (e.g. response_format for JSON mode)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -59,7 +61,7 @@ async def run_load_async(url: str, model: str, prompts: list, concurrency: int, 
         while next_i < num_requests:
             i = next_i
             next_i += 1
-            results.append(await _one(client, url, headers, model, prompts[i % len(prompts)], max_tokens))
+            results.append(await _one(client, url, headers, model, prompts[i % len(prompts)], max_tokens, extra))
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         t0 = time.perf_counter()

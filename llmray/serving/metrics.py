@@ -33,6 +33,14 @@ class ServingMetrics:
         self.tokens_per_s = Gauge("llmray_generation_tokens_per_second", "Generated tokens/s over the last 10 s", L,
                                   registry=r)
         self.in_flight = Gauge("llmray_requests_in_flight", "Requests admitted and not finished", L, registry=r)
+        self.seqs_in_flight = Gauge("llmray_sequences_in_flight",
+                                    "Sequences admitted and not finished (prompts x n per request)", L, registry=r)
+        self.prefix_queries = Counter("llmray_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      L, registry=r)
+        self.prefix_hits = Counter("llmray_prefix_cache_hits", "Prompt tokens found in the prefix cache", L,
+                                   registry=r)
+        self.prefix_hit_rate = Gauge("llmray_prefix_cache_hit_rate", "Prefix-cache hits / queries (cumulative)", L,
+                                     registry=r)
         self.queue_length = Gauge("llmray_queue_length", "Admitted requests waiting for an engine slot", L, registry=r)
         self.unfinished = Gauge("llmray_engine_unfinished_requests",
                                 "Requests the engine holds (running or waiting), read at scrape time", L, registry=r)
@@ -44,6 +52,7 @@ class ServingMetrics:
         self._window: deque[tuple[float, int]] = deque()
         self._window_sum = 0  # tokens in `_window`, kept as a running sum: O(1) per call
         self._drafted = self._accepted = 0
+        self._queries = self._hits = 0
 
     def observe_tokens(self, n: int) -> None:
         """Count `n` generated tokens and refresh the 10-second tokens/s gauge."""
@@ -68,6 +77,27 @@ class ServingMetrics:
             self.spec_accepted.labels(self.model).inc(accepted)
             self.spec_rate.labels(self.model).set(self._accepted / self._drafted)
 
+    def observe_prefix_cache(self, queries: int, hits: int) -> None:
+        if queries <= 0:
+            return
+        self._queries += queries
+        self._hits += hits
+        self.prefix_queries.labels(self.model).inc(queries)
+        self.prefix_hits.labels(self.model).inc(hits)
+        self.prefix_hit_rate.labels(self.model).set(self._hits / self._queries)
+
+    def observe_iteration(self, it) -> None:
+        """Token counts and latencies from one vLLM engine iteration (IterationStats)."""
+        m = self.model
+        self.observe_tokens(it.num_generation_tokens)
+        for t in it.time_to_first_tokens_iter:
+            self.ttft.labels(m).observe(t)
+        for fin in it.finished_requests:
+            self.e2e.labels(m).observe(fin.e2e_latency)
+            self.prompt_tokens.labels(m).inc(fin.num_prompt_tokens)
+            if fin.num_generation_tokens > 1:
+                self.tpot.labels(m).observe(fin.mean_time_per_output_token)
+
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -83,8 +113,13 @@ def stat_logger_factory(metrics: ServingMetrics):
             self.queued_outside = 0
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if iteration_stats is not None:
+                metrics.observe_iteration(iteration_stats)
             if scheduler_stats is None:
                 return
+            pc = scheduler_stats.prefix_cache_stats
+            if pc is not None:
+                metrics.observe_prefix_cache(pc.queries, pc.hits)
             spec = scheduler_stats.spec_decoding_stats
             metrics.observe_engine(
                 scheduler_stats.num_running_reqs,

@@ -26,7 +26,10 @@ def run(cfg: ServeConfig) -> dict:
 
     from llmray.cluster import init_ray
 
+    from llmray.serving.auth import require_key_for_bind
+
     check_model_dir(cfg.model)
+    require_key_for_bind(cfg)  # fail closed before any cluster starts
     starts_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     cfg = resolve_ingress(cfg, starts_cluster)
     if cfg.ingress == "direct":  # the flag must be in the cluster's environment before it starts

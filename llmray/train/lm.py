@@ -25,7 +25,8 @@ IGNORE = -100
 @dataclass(frozen=True)
 class LoRAConfig:
     enabled: bool = False
-    """Train low-rank adapters (peft) instead of all weights; merged into the weights on export."""
+    """Train low-rank adapters (peft) instead of all weights; merged into the weights on export, and
+    saved unmerged in the export's `adapter/` folder (for serving by name, see docs/serving.md)."""
     r: int = 8
     alpha: int = 16
     """Scale alpha / r (the seeds: alpha = 2 x rank)."""
@@ -117,6 +118,9 @@ class CausalLMTask(TrainTask):
         if bad:
             raise RuntimeError(f"export: state dict does not match the model: {bad[:5]}")
         if self.lora.enabled:
+            # The unmerged adapter too (PEFT format, `adapter/`): served by name on the base model
+            # with `llmray serve` lora.adapters, without a merged copy per adapter.
+            m.save_pretrained(str(Path(out_dir) / "adapter"))
             m = m.merge_and_unload()
         m.config.use_cache = True
         save_pretrained(m.float(), self._tokenizer(), out_dir)

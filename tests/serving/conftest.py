@@ -8,20 +8,25 @@ import time
 import pytest
 
 API_KEY = "test-key-0123456789"
+DRIVER_ONLY_KEY_ENV = "LLMRAY_TEST_DRIVER_ONLY_KEY"
 
 
 def start_test_server(model_dir, app_name: str = "llm-test", route_prefix: str = "/"):
     """A real Serve application on 127.0.0.1 (tiny model, API key). Limits are small so overload is
-    reachable: 16 engine slots + 56 queued."""
+    reachable: 16 engine slots + 56 queued sequences. The key is set only in this (driver) process's
+    environment, after the Ray cluster started: replicas must get it from the deployment's config."""
+    import os
+
     from llmray.config import build
     from llmray.serving.config import ServeConfig
     from llmray.serving.server import start
 
+    os.environ[DRIVER_ONLY_KEY_ENV] = API_KEY
     cfg = build(ServeConfig, {
         "model": str(model_dir), "served_model_name": "tiny", "port": 0, "app_name": app_name,
-        "route_prefix": route_prefix, "api_key": API_KEY,
+        "route_prefix": route_prefix, "api_key_env": DRIVER_ONLY_KEY_ENV,
         "engine": {"max_model_len": 256, "max_num_seqs": 16, "kv_cache_gb": 1},
-        "limits": {"max_queue": 56, "request_timeout_s": 120, "max_body_bytes": 65536},
+        "limits": {"max_queue": 56, "request_timeout_s": 120, "max_body_bytes": 65536, "default_max_tokens": 40},
         "deployment": {"graceful_shutdown_timeout_s": 60, "health_check_period_s": 2},
     })
     return start(cfg)

@@ -10,23 +10,58 @@ import pytest
 from llmray.config import ConfigError, build, load
 from llmray.errors import UserError
 from llmray.serving.config import ServeConfig
-from llmray.serving.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from llmray.serving.errors import APIError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_parse_body_names_the_field():
+def test_requests_parse_into_vllm_models_strictly_and_unknown_arguments_are_named():
+    from llmray.serving.openai_layer import parse_request
+
     with pytest.raises(APIError) as e:
-        parse_body(b'{"prompt": "x", "max_tokens": "5"}', CompletionRequest)
+        parse_request(b'{"prompt": "x", "max_tokens": "5"}', "completions")
     assert e.value.status == 400 and e.value.param == "max_tokens"
     with pytest.raises(APIError) as e:
-        parse_body(b'{"messages": [{"role": "user"}], "temperature": -1}', ChatCompletionRequest)
-    assert e.value.param == "temperature"
+        parse_request(b'{"prompt": "x", "frobnicate": 1}', "completions")
+    assert e.value.param == "frobnicate" and "Unrecognized request argument" in e.value.message
     with pytest.raises(APIError) as e:
-        parse_body(b"not json", CompletionRequest)
+        parse_request(b"not json", "completions")
     assert e.value.status == 400 and "JSON" in e.value.message
-    req = parse_body(b'{"prompt": [[1, 2], [3]], "stop": "x", "user": "u", "vendor_extra": 1}', CompletionRequest)
-    assert req.prompts() == [[1, 2], [3]] and req.stops() == ["x"]
+    data, req = parse_request(b'{"prompt": [[1, 2], [3]], "stop": "x", "user": "u", "top_k": 5, "min_tokens": 2,'
+                              b' "logit_bias": {"7": 100}, "response_format": {"type": "json_object"}}', "completions")
+    assert req.top_k == 5 and req.min_tokens == 2 and req.logit_bias == {"7": 100}
+    data, req = parse_request(b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",'
+                              b' "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],'
+                              b' "stream": true, "stream_options": {"include_usage": true}, "seed": 3}', "chat")
+    assert req.tool_choice == "required" and req.seed == 3
+
+
+def test_guards_count_sequences_and_check_openai_ranges():
+    from llmray.serving.config import LimitsConfig
+    from llmray.serving.guards import check_request
+
+    lim = LimitsConfig(max_n=8, max_prompts=32)
+    assert check_request({"prompt": ["a"] * 32, "n": 8}, "completions", lim) == 256
+    assert check_request({"prompt": [1, 2, 3], "n": 2, "best_of": 3}, "completions", lim) == 3
+    assert check_request({"messages": [{"role": "user", "content": "x"}], "n": 4}, "chat", lim) == 4
+    for body, param in [({"prompt": "x", "temperature": 2.5}, "temperature"), ({"prompt": "x", "top_p": 0}, "top_p"),
+                        ({"prompt": "x", "n": 9}, "n"), ({"prompt": ["a"] * 33}, "prompt"),
+                        ({"prompt": "x", "stop": list("abcde")}, "stop"),
+                        ({"prompt": "x", "max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(APIError) as e:
+            check_request(body, "completions", lim)
+        assert e.value.param == param
+
+
+def test_json_closing_completes_every_prefix():
+    import json
+
+    from llmray.serving.jsonclose import closing
+
+    full = '{"a":[1,-2.5e3,true,{"b":"x\\u00e9y\\"q"},null],"c":{},"d":"","e":false,"f":[]}'
+    json.loads(full)
+    for i in range(1, len(full) + 1):
+        json.loads(full[:i] + closing(full[:i]))
 
 
 def test_bearer_check_is_exact():
