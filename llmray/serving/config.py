@@ -127,7 +127,8 @@ class OpenAIConfig:
 @dataclass(frozen=True)
 class LoRAServeConfig:
     adapters: dict[str, str] = field(default_factory=dict)
-    """Adapter name -> directory of an unmerged PEFT adapter (`llmray sft` with lora.merge: false).
+    """Adapter name -> directory of an unmerged PEFT adapter (the `adapter/` folder of an `llmray sft`
+    model trained with lora.enabled: true).
     Each is listed in /v1/models and selected with `model: <name>`; the base stays servable."""
     max_lora_rank: int = 16
     max_loras: int = 2

@@ -335,8 +335,8 @@ def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str,
     export = run_dir / "export"
     usable_inputs = [p for p in inputs if artifacts.is_complete(p)]
     with artifacts.publish(cfg.output) as tmp:
-        for f in export.iterdir():
-            shutil.copy2(f, tmp / f.name)
+        for f in export.iterdir():  # the HF files, and a LoRA run's unmerged `adapter/` folder
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         artifacts.write_manifest(tmp, "model", f"llmray.{stage}", config_dict, metrics, usable_inputs)
     out = {"output": cfg.output, "run_dir": str(run_dir),
            **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
