@@ -14,7 +14,7 @@ from llmray.config import check, to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.reward_model import RewardTask
-from llmray.train.trainer import FineTuneConfig
+from llmray.train.trainer import FineTuneConfig, fit_to_workers
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,7 @@ def run(cfg: RewardModelConfig) -> dict:
     train, held, stats = preference_rows(cfg.data, tok, cfg.seq_len, cfg.eval_fraction, cfg.max_examples)
     train = [{k: r[k] for k in keep} for r in train]
     held = [{k: r[k] for k in keep} for r in held]
-    w = cfg.scaling.num_workers
-    if len(train) < cfg.deepspeed.micro_batch_size * w:
-        raise UserError(f"{cfg.data}: {len(train)} training pairs, fewer than micro_batch_size x num_workers")
-    held = held[: len(held) // w * w]
+    held = fit_to_workers(cfg, train, held, "pairs")
     expect = {"model_shape": to_dict(shape), "head": "reward"}
     check_resume(cfg, expect)
     check_memory(cfg, shape, cfg.seq_len, copies=2)

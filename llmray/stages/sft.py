@@ -18,7 +18,7 @@ from llmray.config import to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.lm import LoRAConfig
-from llmray.train.trainer import FineTuneConfig
+from llmray.train.trainer import FineTuneConfig, fit_to_workers
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,7 @@ def run(cfg: SFTConfig) -> dict:
         raise UserError(f"seq_len {cfg.seq_len} exceeds the model context "
                         f"({shape.max_position_embeddings} in {cfg.model})")
     train_rows, eval_rows, stats = build_rows(cfg, tok)
-    w = cfg.scaling.num_workers
-    if len(train_rows) < cfg.deepspeed.micro_batch_size * w:
-        raise UserError(f"{cfg.data}: {len(train_rows)} training rows, fewer than micro_batch_size x num_workers "
-                        f"({cfg.deepspeed.micro_batch_size * w})")
-    eval_rows = eval_rows[: len(eval_rows) // w * w]
+    eval_rows = fit_to_workers(cfg, train_rows, eval_rows)
     trainable = None
     if cfg.lora.enabled:
         h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers

@@ -103,6 +103,17 @@ class FineTuneConfig(TrainRunConfig):
         check(self.seq_len >= 8, "seq_len", "must be >= 8")
 
 
+def fit_to_workers(cfg: TrainRunConfig, train: list, held: list, what: str = "rows") -> list:
+    """Refuse a training set smaller than one micro-batch per worker (UserError naming the data); return
+    the held-out rows cut to a multiple of the worker count (every rank evaluates the same number)."""
+    w = cfg.scaling.num_workers
+    need = cfg.deepspeed.micro_batch_size * w
+    if len(train) < need:
+        data = getattr(cfg, "data", "the data")
+        raise UserError(f"{data}: {len(train)} training {what}, fewer than micro_batch_size x num_workers ({need})")
+    return held[: len(held) // w * w]
+
+
 def default_budget_gb(cfg: TrainRunConfig) -> float:
     if cfg.scaling.use_gpu:
         import torch

@@ -245,3 +245,14 @@ def test_a_stale_ray_train_checkpoint_record_is_dropped(tmp_path):
     (tmp_path / RAY_TRAIN_SNAPSHOT).write_text('{"checkpoints": ["step_00000010"]}')
     assert forget_ray_train_snapshot(tmp_path)
     assert not (tmp_path / RAY_TRAIN_SNAPSHOT).exists()
+
+
+def test_fit_to_workers_refuses_too_few_rows_and_evens_out_the_held_rows():
+    from llmray.errors import UserError
+    from llmray.stages.dpo import DPOConfig
+    from llmray.train.trainer import fit_to_workers
+
+    cfg = load(DPOConfig, None, ["data=/d/pairs.jsonl", "scaling.num_workers=2", "deepspeed.micro_batch_size=4"])
+    assert fit_to_workers(cfg, list(range(8)), list(range(7)), "pairs") == list(range(6))
+    with pytest.raises(UserError, match=r"/d/pairs.jsonl: 7 training pairs, fewer than .* \(8\)"):
+        fit_to_workers(cfg, list(range(7)), [], "pairs")
