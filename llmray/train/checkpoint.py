@@ -198,13 +198,19 @@ def retain(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def load(engine, path: str | Path, expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(engine, path: str | Path, expect: dict[str, Any] | None = None,
+         elastic: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a complete checkpoint into `engine` (collective). Returns (meta, this rank's rank_state).
 
     `expect` holds meta keys that must match (e.g. the model shape); a mismatch is a UserError naming
-    the key, raised before DeepSpeed touches the engine.
+    the key, raised before DeepSpeed touches the engine. A checkpoint of another worker count is
+    refused unless `elastic`: then ZeRO-1/2/3 state is read from its universal form (converted by
+    `elastic.prepare`, the engine built with `load_universal`) and the per-rank extras are not
+    restored (they belonged to other ranks).
     """
     import torch
+
+    from llmray.train import elastic as el
 
     meta = read_meta(path)
     rank, world = _rank_world()
@@ -212,13 +218,15 @@ def load(engine, path: str | Path, expect: dict[str, Any] | None = None) -> tupl
         if key in meta and meta[key] != want:
             raise UserError(f"checkpoint {path}: {key} is {meta[key]!r} but this run has {want!r}; "
                             "resume from a checkpoint of the same model or start a new run")
-    if meta.get("world_size", world) != world:
+    same_world = meta.get("world_size", world) == world
+    if not same_world and not elastic:
         raise UserError(f"checkpoint {path} was written by {meta['world_size']} workers but this run has {world}; "
                         "set scaling.num_workers to match")
-    load_path, _ = engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+    src = el.universal_dir(path) if el.needs_universal(meta, world) else Path(path)
+    load_path, _ = engine.load_checkpoint(str(src), tag="state", load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise UserError(f"checkpoint {path}: DeepSpeed found no engine state under {path}/state")
+        raise UserError(f"checkpoint {path}: DeepSpeed found no engine state under {src}/state")
     f = Path(path) / f"rank{rank}.pt"
-    rank_state = torch.load(f, weights_only=False) if f.is_file() else {}
+    rank_state = torch.load(f, weights_only=False) if same_world and f.is_file() else {}
     return meta, rank_state

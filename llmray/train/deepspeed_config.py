@@ -85,8 +85,12 @@ class DeepSpeedConfig:
         return self.micro_batch_size * self.grad_accum_steps * world_size
 
 
-def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, shm: bool = False) -> dict[str, Any]:
+def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, shm: bool = False,
+              load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config for these settings.
+
+    `load_universal`: the engine will load a universal checkpoint (one saved at another worker
+    count and converted, llmray/train/elastic.py).
 
     The optimizer and scheduler are NOT in it: the engine passes a torch AdamW (param groups with
     decay only on >= 2-dim tensors) and a LambdaLR, which avoids compiling DeepSpeed's CPU Adam op.
@@ -118,7 +122,7 @@ def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, shm: b
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    return {
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
         "train_batch_size": ds.global_batch(world_size),
@@ -133,6 +137,9 @@ def ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, shm: b
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        out["checkpoint"] = {"load_universal": True}
+    return out
 
 
 def lr_at(step: int, opt: OptimizerConfig, total_steps: int) -> float:

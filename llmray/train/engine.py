@@ -100,12 +100,14 @@ def build_deepspeed_engine(
     ds: DeepSpeedConfig,
     opt: OptimizerConfig | None,
     total_steps: int = 1,
+    load_universal: bool = False,
 ):
     """`deepspeed.initialize` with a torch AdamW client optimizer and a warmup+cosine LambdaLR.
 
     With `opt=None` the engine is inference-only. Activation checkpointing uses the HF model's own
     gradient checkpointing. The first call in a fresh TORCH_EXTENSIONS_DIR compiles DeepSpeed's
-    shared-memory comm op (~1 min on CPU); the time is logged.
+    shared-memory comm op (~1 min on CPU); the time is logged. `load_universal`: the next
+    `load_checkpoint` reads a universal checkpoint (llmray/train/elastic.py).
     """
     import deepspeed
     import torch
@@ -116,7 +118,7 @@ def build_deepspeed_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
-    config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active())
+    config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active(), load_universal=load_universal)
     t0 = time.monotonic()
     if opt is None:
         config.pop("gradient_clipping", None)

@@ -1,12 +1,20 @@
 """The per-worker training loop run by Ray Train: engine, exact data position, checkpoints, metrics, export.
 
-One loop serves every trainer; what differs (model, loss, export) is a `TrainTask`. Data arrives
-through `ray.train.get_dataset_shard("train")` as an ordered stream (`preserve_order`) that every
-worker reads; each global chunk of `micro_batch x workers` rows is cut by rank, so each worker trains
-on a disjoint slice and the global batch of step k is the same rows whatever happened before: the
-data position is one integer (micro-chunks consumed), saved in each checkpoint, and a resumed run
-skips exactly that many chunks. (Ray's `streaming_split` hands blocks to whichever worker asks
-first, which makes step k's batch depend on timing; exact resume needs a fixed assignment.)
+One loop serves every trainer; what differs (model, loss, export) is a `TrainTask`. Each worker reads
+only its own rows: `ray.train.get_dataset_shard("train")` is this rank's Ray Data stream
+(llmray/train/shards.py: `RankShards` filters the ordered, row-id'd dataset by rank inside the read
+tasks), in the dataset's order (`preserve_order`), one micro-batch per `micro_batch_size` rows.
+Row i belongs to rank (i // micro) % workers, so global micro-chunk c is rows [c*m*W, (c+1)*m*W)
+and step k is the same global batch at any worker count when the global batch is kept. The data
+position is one integer, rows consumed, saved in each checkpoint; a resumed run skips exactly that
+many (its own share of them). Ray's `streaming_split` was not used: its splitter gives whole blocks
+to whichever split has had the fewest rows and documents no ordering guarantee, even with
+`preserve_order` and `equal=True`, so a rank's rows would depend on block sizes and on the worker
+count; exact and elastic resume need a fixed assignment by row id.
+
+A checkpoint written by another worker count resumes too (llmray/train/elastic.py): the driver keeps
+the global batch (grad_accum_steps), rank 0 converts ZeRO shards to DeepSpeed's universal checkpoint
+(cached in the checkpoint), and the engine loads that.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmray.train import checkpoint as ckpt
-from llmray.train import shm_comm
+from llmray.train import elastic, shards, shm_comm
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
 
 if TYPE_CHECKING:
@@ -76,6 +84,8 @@ class LoopSpec:
     expect_meta: dict[str, Any] = field(default_factory=dict)
     eval_rows: dict[str, Any] | None = None
     tensorboard: bool = True
+    record_rows: bool = False
+    """Append the row ids each rank trained on to run_dir/rows/rank<r>.jsonl (one line per micro-batch)."""
 
 
 def _to_tensor(col: "np.ndarray") -> "torch.Tensor":
@@ -130,28 +140,34 @@ def train_loop(config: dict[str, Any]) -> None:
     baseline_gb = rss_gb()
 
     ckpt.set_rng_state(_seeded_rng(spec.seed + rank))
-    model = spec.task.build_model()
-    engine = build_deepspeed_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps)
     root = run_dir / "checkpoints"
     start = ckpt.resume_point(spec.resume, root)
+    universal = start is not None and elastic.prepare(start, ckpt.read_meta(start), rank, world)
+    model = spec.task.build_model()
+    engine = build_deepspeed_engine(model, spec.ds, spec.opt, total_steps=spec.max_steps, load_universal=universal)
     step, consumed = 0, 0
     if start is not None:
-        meta, rank_state = ckpt.load(engine, start, spec.expect_meta)
-        step, consumed = int(meta["step"]), int(meta["consumed_chunks"])
+        meta, rank_state = ckpt.load(engine, start, spec.expect_meta, elastic=True)
+        step, consumed = int(meta["step"]), consumed_rows(meta, spec.ds.micro_batch_size)
         if "rng" in rank_state:
             ckpt.set_rng_state(rank_state["rng"])
         if rank == 0:
-            print(f"[llmray] resumed from {start} at step {step} ({consumed} micro-chunks consumed)", flush=True)
+            print(f"[llmray] resumed from {start} at step {step} ({consumed} rows consumed)", flush=True)
 
     logger = None
     if rank == 0:
         logger = MetricsLogger(run_dir / "metrics.jsonl", run_dir / "tensorboard" if spec.tensorboard else None)
     micro, accum = spec.ds.micro_batch_size, spec.ds.grad_accum_steps
-    chunk = micro * world
-    chunks_per_epoch = spec.num_rows // chunk
-    if chunks_per_epoch < 1:
-        raise RuntimeError(f"dataset has {spec.num_rows} rows, fewer than one chunk of {chunk}")
+    chunk = micro * world  # rows of one global micro-chunk; this rank trains on `micro` of them
+    rows_per_epoch = shards.epoch_rows(spec.num_rows, spec.ds.global_batch(world))
+    if rows_per_epoch < 1:
+        raise RuntimeError(f"dataset has {spec.num_rows} rows, fewer than one global batch of "
+                           f"{spec.ds.global_batch(world)}")
     shard = ray.train.get_dataset_shard("train")
+    record = None
+    if spec.record_rows:
+        (run_dir / "rows").mkdir(exist_ok=True)
+        record = open(run_dir / "rows" / f"rank{rank}.jsonl", "a")
 
     last_saved = step if start is not None else -1
     acc: dict[str, float] = {}
@@ -164,14 +180,17 @@ def train_loop(config: dict[str, Any]) -> None:
     t_step = t_mark = time.perf_counter()
     engine.train()
     while step < spec.max_steps:
-        skip = consumed % chunks_per_epoch
-        for ci, rows in enumerate(shard.iter_batches(batch_size=chunk, batch_format="numpy", drop_last=True,
+        skip = (consumed % rows_per_epoch) // chunk
+        for ci, rows in enumerate(shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
                                                        prefetch_batches=2)):
             if ci < skip:
                 t_mark = time.perf_counter()
                 continue  # already trained on before the resume: read past, do not train
             t0 = time.perf_counter()
-            local = to_batch({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()})
+            ids = rows.pop(shards.ROW_ID)
+            if record is not None:
+                record.write(json.dumps({"step": step + 1, "world": world, "row_ids": ids.tolist()}) + "\n")
+            local = to_batch(rows)
             if "input_ids" in local:
                 checksum += int(local["input_ids"].sum())
             loss, sums, ntok = spec.task.loss(engine, local)
@@ -183,7 +202,7 @@ def train_loop(config: dict[str, Any]) -> None:
             for name, dt_phase in zip(PHASES, (t0 - t_mark, t1 - t0, t2 - t1, t3 - t2)):
                 phase[name] += dt_phase
             t_mark = t3
-            consumed += 1
+            consumed += chunk
             micro_i += 1
             tokens += ntok
             for k, v in sums.items():
@@ -205,7 +224,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "tokens_per_s": g_tokens / dt,
                 "step_time_s": dt,
                 "tokens": g_tokens,
-                "epoch": (consumed - 1) // chunks_per_epoch,
+                "epoch": (consumed - 1) // rows_per_epoch,
                 "batch_checksum": red[len(keys) + 1],
                 "memory/peak_rss_gb": peak,
                 "memory/rss_gb_rank0": rss_gb(),
@@ -232,8 +251,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
     if last_saved != step:
         _save(engine, root, step, consumed, spec, {})
+    if record is not None:
+        record.close()
 
-    result: dict[str, Any] = {"step": step, "consumed_chunks": consumed,
+    result: dict[str, Any] = {"step": step, "consumed_rows": consumed,
                               "collectives": "shm" if shm_comm.active() else torch.distributed.get_backend()}
     if spec.eval_rows:
         engine.eval()
@@ -248,6 +269,19 @@ def train_loop(config: dict[str, Any]) -> None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         logger.close()
     ray.train.report({"done": 1, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+
+
+def consumed_rows(meta: dict[str, Any], micro: int) -> int:
+    """Rows consumed at a checkpoint; one written before rows were counted has micro-chunks instead."""
+    if "consumed_rows" in meta:
+        return int(meta["consumed_rows"])
+    return int(meta.get("consumed_chunks", 0)) * micro * int(meta.get("world_size", 1))
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _seeded_rng(seed: int) -> dict[str, Any]:
@@ -267,7 +301,8 @@ def _save(engine, root: Path, step: int, consumed: int, spec: LoopSpec, row: dic
     from ray.train import Checkpoint
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    meta = {"consumed_chunks": consumed, **spec.expect_meta}
+    meta = {"consumed_rows": consumed, "global_batch": spec.ds.global_batch(_world()),
+            "zero_stage": spec.ds.zero_stage, **spec.expect_meta}
     path = ckpt.save(engine, root, step, meta, {"rng": ckpt.rng_state()}, keep_last=spec.keep_last)
     import torch.distributed as dist
 

@@ -67,6 +67,8 @@ class TrainRunConfig:
     device memory on GPU."""
     max_failures: int = 1
     """Worker-group restarts Ray Train may do (each resumes from the newest complete checkpoint)."""
+    record_rows: bool = False
+    """Append the row ids each worker trained on to run_dir/rows/rank<r>.jsonl (an audit of the sharding)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -148,12 +150,30 @@ def check_resume(cfg: TrainRunConfig, expect: dict[str, Any]) -> Path | None:
             raise UserError(f"checkpoint {path}: {key} {meta[key]!r} differs from this run's {want!r}; "
                             "a checkpoint of a different model cannot be resumed (set checkpoint.resume=never "
                             "or a new run_dir)")
-    if meta.get("world_size", cfg.scaling.num_workers) != cfg.scaling.num_workers:
-        raise UserError(f"checkpoint {path} was written by {meta['world_size']} workers; "
-                        f"scaling.num_workers is {cfg.scaling.num_workers}")
+    resume_deepspeed(cfg, meta)  # another worker count: the global batch must be keepable
     if int(meta.get("step", 0)) > cfg.max_steps:
         raise UserError(f"checkpoint {path} is at step {meta['step']}, beyond max_steps={cfg.max_steps}")
     return path
+
+
+def resume_deepspeed(cfg: TrainRunConfig, meta: dict[str, Any] | None) -> DeepSpeedConfig:
+    """The DeepSpeed settings a run resuming from a checkpoint with `meta` uses: cfg's, except that a
+    checkpoint of another worker count keeps its global batch through grad_accum_steps (printed).
+    UserError naming the keys when it cannot."""
+    from dataclasses import replace
+
+    from llmray.train.elastic import elastic_accum
+
+    ds, world = cfg.deepspeed, cfg.scaling.num_workers
+    if not meta or int(meta.get("world_size", world)) == world or "global_batch" not in meta:
+        return ds
+    saved = int(meta["global_batch"])
+    if ds.global_batch(world) == saved:
+        return ds
+    accum = elastic_accum(saved, ds.micro_batch_size, world)
+    print(f"[llmray] resuming a {meta['world_size']}-worker checkpoint on {world} workers: "
+          f"deepspeed.grad_accum_steps {ds.grad_accum_steps} -> {accum} keeps its global batch of {saved}", flush=True)
+    return replace(ds, grad_accum_steps=accum)
 
 
 # Ray Train v2 records every reported checkpoint in this file under the run directory and refuses
@@ -178,12 +198,14 @@ def loop_spec(cfg: TrainRunConfig, task, shape, num_rows: int, expect: dict[str,
     """What every training recipe hands its workers: the task plus the run's shared settings."""
     from llmray.train.loop import LoopSpec
 
+    start = ckpt.resume_point(cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints")
+    ds = resume_deepspeed(cfg, ckpt.read_meta(start) if start is not None else None)
     return LoopSpec(
-        task=task, ds=cfg.deepspeed, opt=cfg.optimizer, max_steps=cfg.max_steps,
+        task=task, ds=ds, opt=cfg.optimizer, max_steps=cfg.max_steps,
         run_dir=str(Path(cfg.run_dir).resolve()), num_rows=num_rows, every_n_steps=cfg.checkpoint.every_n_steps,
         keep_last=cfg.checkpoint.keep_last, resume=cfg.checkpoint.resume, seed=cfg.seed, log_every=cfg.log_every,
         flops_per_token=6.0 * shape.num_params(), peak_flops_per_worker=cfg.peak_flops_per_worker,
-        expect_meta=expect, eval_rows=eval_rows,
+        expect_meta=expect, eval_rows=eval_rows, record_rows=cfg.record_rows,
     )
 
 
@@ -193,13 +215,13 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
 
     `ingest_cpus`: CPUs the dataset's own tasks need beside the workers (a streamed parquet read
     needs one): without them the workers hold every CPU and the read never runs, a silent hang."""
-    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig as RayCheckpointConfig
-    from ray.train import DataConfig, FailureConfig, RunConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llmray.cluster import has_state_api, init_ray, require_resources
+    from llmray.train.shards import rank_shards_config
 
     init_ray(cfg.ray)
     sc = cfg.scaling
@@ -240,7 +262,9 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
                 checkpoint_config=RayCheckpointConfig(num_to_keep=None),
             ),
             datasets={"train": dataset},
-            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+            # Each worker's stream holds only its rows, in order (llmray/train/shards.py).
+            dataset_config=rank_shards_config(spec.ds.micro_batch_size, spec.ds.global_batch(sc.num_workers),
+                                              spec.num_rows),
         )
         t0 = time.monotonic()
         trainer.fit()
@@ -293,25 +317,21 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
 
 def ordered_parquet(paths: list[str], columns: list[str]) -> "ray.data.Dataset":
-    """A Ray Dataset over parquet files whose row order is the files' order (for exact resume)."""
-    import ray.data
+    """A Ray Dataset over parquet files in the files' row order, with a `row_id` column (one read task
+    per row group; llmray/train/shards.py)."""
+    from llmray.train.shards import indexed_parquet
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    # Ray Data 2.60's V2 parquet reader lists files by starting 32 footer-reader actors each time
-    # the dataset runs (in every Train worker, and again after a restart): 4-20 s before the first
-    # batch on a 2-core node, against 0.1-2 s for the V1 reader, which also keeps the files' order.
-    ctx.use_datasource_v2 = False
-    return ray.data.read_parquet(paths, shuffle=None).select_columns(columns)
+    return indexed_parquet(paths, columns)
 
 
 def small_dataset(path: str | Path, columns: list[str]) -> "ray.data.Dataset":
-    """An already-tokenized, small parquet file (SFT / preference rows) put in the object store once:
-    no read tasks in the workers, order fixed (one block)."""
+    """An already-tokenized, small parquet file (SFT / preference rows) put in the object store once,
+    with a `row_id` column: no read tasks in the workers, order fixed (one block)."""
     import pyarrow.parquet as pq
-    import ray.data
 
-    return ray.data.from_arrow(pq.read_table(str(path), columns=columns))
+    from llmray.train.shards import in_memory
+
+    return in_memory(pq.read_table(str(path), columns=columns))
 
 
 def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str, Any],
