@@ -156,9 +156,9 @@ def check_resume(cfg: TrainRunConfig, expect: dict[str, Any]) -> Path | None:
     return path
 
 
-def resume_deepspeed(cfg: TrainRunConfig, meta: dict[str, Any] | None) -> DeepSpeedConfig:
+def resume_deepspeed(cfg: TrainRunConfig, meta: dict[str, Any] | None, say: bool = False) -> DeepSpeedConfig:
     """The DeepSpeed settings a run resuming from a checkpoint with `meta` uses: cfg's, except that a
-    checkpoint of another worker count keeps its global batch through grad_accum_steps (printed).
+    checkpoint of another worker count keeps its global batch through grad_accum_steps (printed if `say`).
     UserError naming the keys when it cannot."""
     from dataclasses import replace
 
@@ -171,8 +171,10 @@ def resume_deepspeed(cfg: TrainRunConfig, meta: dict[str, Any] | None) -> DeepSp
     if ds.global_batch(world) == saved:
         return ds
     accum = elastic_accum(saved, ds.micro_batch_size, world)
-    print(f"[llmray] resuming a {meta['world_size']}-worker checkpoint on {world} workers: "
-          f"deepspeed.grad_accum_steps {ds.grad_accum_steps} -> {accum} keeps its global batch of {saved}", flush=True)
+    if say:
+        print(f"[llmray] resuming a {meta['world_size']}-worker checkpoint on {world} workers: "
+              f"deepspeed.grad_accum_steps {ds.grad_accum_steps} -> {accum} keeps its global batch of {saved}",
+              flush=True)
     return replace(ds, grad_accum_steps=accum)
 
 
@@ -199,7 +201,7 @@ def loop_spec(cfg: TrainRunConfig, task, shape, num_rows: int, expect: dict[str,
     from llmray.train.loop import LoopSpec
 
     start = ckpt.resume_point(cfg.checkpoint.resume, Path(cfg.run_dir) / "checkpoints")
-    ds = resume_deepspeed(cfg, ckpt.read_meta(start) if start is not None else None)
+    ds = resume_deepspeed(cfg, ckpt.read_meta(start) if start is not None else None, say=True)
     return LoopSpec(
         task=task, ds=ds, opt=cfg.optimizer, max_steps=cfg.max_steps,
         run_dir=str(Path(cfg.run_dir).resolve()), num_rows=num_rows, every_n_steps=cfg.checkpoint.every_n_steps,
