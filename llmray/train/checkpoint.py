@@ -198,6 +198,34 @@ def retain(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+_STATIC = ("weight_decay", "betas", "eps")
+"""Optimizer-group settings that come from the config, never from training."""
+
+
+def _base_optimizer(engine):
+    opt = getattr(engine, "optimizer", None)
+    return getattr(opt, "optimizer", opt)
+
+
+def _static_hyperparams(engine) -> list[dict[str, Any]]:
+    opt = _base_optimizer(engine)
+    if opt is None:
+        return []
+    return [{k: g[k] for k in _STATIC if k in g} for g in opt.param_groups]
+
+
+def _restore_static_hyperparams(engine, fixed: list[dict[str, Any]]) -> None:
+    """Put the config's per-group settings back after a universal load. DeepSpeed 0.19's ZeRO-3
+    universal loader gave every group the first group's settings, so the no-decay group (norms)
+    got weight decay; the losses then drifted ~1e-3 from the uninterrupted run within 3 steps."""
+    opt = _base_optimizer(engine)
+    for group, want in zip(opt.param_groups, fixed):
+        changed = {k: (group.get(k), v) for k, v in want.items() if group.get(k) != v}
+        if changed:
+            log.info("universal load changed optimizer group settings %s; restored from the config", changed)
+        group.update(want)
+
+
 def load(engine, path: str | Path, expect: dict[str, Any] | None = None,
          elastic: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a complete checkpoint into `engine` (collective). Returns (meta, this rank's rank_state).
@@ -222,9 +250,13 @@ def load(engine, path: str | Path, expect: dict[str, Any] | None = None,
     if not same_world and not elastic:
         raise UserError(f"checkpoint {path} was written by {meta['world_size']} workers but this run has {world}; "
                         "set scaling.num_workers to match")
-    src = el.universal_dir(path) if el.needs_universal(meta, world) else Path(path)
+    universal = el.needs_universal(meta, world)
+    src = el.universal_dir(path) if universal else Path(path)
+    fixed = _static_hyperparams(engine) if universal else []
     load_path, _ = engine.load_checkpoint(str(src), tag="state", load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
+    if fixed:
+        _restore_static_hyperparams(engine, fixed)
     if load_path is None:
         raise UserError(f"checkpoint {path}: DeepSpeed found no engine state under {src}/state")
     f = Path(path) / f"rank{rank}.pt"
