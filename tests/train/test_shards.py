@@ -150,13 +150,13 @@ def test_two_workers_train_on_disjoint_shards_and_resume_on_one_worker(ray_clust
 
 def test_zero3_checkpoint_of_two_workers_resumes_on_one(ray_cluster, tmp_path, small_packed):
     """ZeRO-3 (parameters sharded too; the shipped 1b_zero3 config): a 2-worker checkpoint at step 3
-    resumes on 1 worker through the universal conversion; steps 4-6 match the 2-worker run's losses
-    within 1e-3 relative. Step 4 (the restored weights) is exact; after it the runs drift by ~1e-5 to
-    1e-4 relative: a standalone 2-process check found the same drift for a universal load at the SAME
-    worker count, with Adam's moments bit-equal to a direct load, so it comes from DeepSpeed's ZeRO-3
-    universal loading, not from the worker count. Before llmray restored the optimizer groups'
-    weight decay after the load (DeepSpeed gave the no-decay group the decay group's 0.1), the drift
-    reached 9.8e-4 by step 6."""
+    resumes on 1 worker through the universal conversion. Step 4 (the restored weights, same rows)
+    matches exactly; after it the runs drift: one run saw 1.0e-5 relative at step 5 and 9.5e-4 at
+    step 6, so steps 5-6 are held to 2e-3. The drift is DeepSpeed's ZeRO-3 universal load, not the
+    worker count: a standalone 2-process check saw it for a universal load at the SAME worker count
+    (7.5e-5 after 2 steps), with Adam's moments bit-equal to a direct load. ZeRO-1 (the test above)
+    is exact. llmray restores the optimizer groups' weight decay after the load (DeepSpeed gave the
+    no-decay group the decay group's 0.1), which removed part of that drift."""
     from llmray.config import replace
     from llmray.stages.pretrain import run
 
@@ -173,4 +173,4 @@ def test_zero3_checkpoint_of_two_workers_resumes_on_one(ray_cluster, tmp_path, s
     for s in (4, 5, 6):
         print(f"[shards] ZeRO-3 step {s}: 2 workers {a[s]['train/loss']:.6f}  resumed on 1 {b[s]['train/loss']:.6f}")
         assert b[s]["batch_checksum"] == a[s]["batch_checksum"], s
-        assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-3), s
+        assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-6 if s == 4 else 2e-3), s
