@@ -138,8 +138,21 @@ class PromptFilterConfig:
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
+    transport: str = "auto"
+    """How the actor's weights reach the rollout engines after each update: `collective` (the actor's
+    rank 0 broadcasts over a process group the engines joined: nccl on GPUs, gloo on CPU),
+    `object_store` (buckets through Ray's object store), or `auto` (collective; see
+    docs/operations.md, "Weight sync transports")."""
     bucket_mb: float = 64.0
+    """Size of one sync bucket; at ZeRO-3 also the most that is gathered on every actor rank at once."""
     timeout_s: float = 120.0
+    """Bound on one whole push (every bucket into every engine)."""
+
+    def __post_init__(self) -> None:
+        check(self.transport in ("auto", "object_store", "collective"), "weight_sync.transport",
+              f"must be auto, object_store or collective, got {self.transport!r}")
+        check(self.bucket_mb > 0, "weight_sync.bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        check(self.timeout_s > 0, "weight_sync.timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
     batch = critic.values(batch)                      # PPO only: no critic group for GRPO/RLOO
     batch, stats = compute_advantages(batch, algo, kl_coef)   # pure, unit-tested
     metrics = actor.update(batch, spec) | critic.update(batch)
-    sync.push(actor.weight_refs(), rollout)           # timed, checksummed, bounded
+    sync.push_actor(actor, rollout)                   # timed, checksummed, bounded
 
 The stage recipe around it (prompts, resume, checkpoints, evaluation) is `llmray.stages.ppo`; the
 groups, their placement and restarts are `llmray.rl.groups`. A dead rollout engine is restarted,
@@ -123,23 +123,12 @@ class Controller:
         """The actor's weights into every rollout engine. An engine that dies during the push is
         restarted (it comes back with the starting weights) and the push is repeated to all engines,
         so that each one also resets its prefix cache (`rollout.max_restarts` times at most)."""
-        from llmray.rl.weight_sync import WeightSyncError
-        from llmray.rl.worker_group import WorkerDiedError
+        from llmray.rl.weight_sync import push_with_restart
 
         g = self.roles.groups
-        refs = [r for r in g["actor"].weight_refs(self.cfg.weight_sync.bucket_mb) if r is not None][0]
-        attempt = 0
-        while True:
-            try:
-                return self.roles.sync.push(refs, g["rollout"])
-            except (WeightSyncError, WorkerDiedError) as e:
-                dead = e.dead_ranks if isinstance(e, WeightSyncError) else e.ranks
-                if not dead or attempt >= self.cfg.rollout.max_restarts:
-                    raise
-                attempt += 1
-                for rank in dead:
-                    g["rollout"].restart(rank, cause=f"died during weight sync: {e}")
-                    self.roles.log_restart("rollout", rank, "died during weight sync")
+        return push_with_restart(self.roles.sync, g["actor"], g["rollout"], self.cfg.rollout.max_restarts,
+                                 on_restart=lambda rank: self.roles.log_restart("rollout", rank,
+                                                                                "died during weight sync"))
 
     def metrics(self, batch: "RLBatch", stats: dict, results: dict, fused: bool, times: dict, sync: dict) -> dict:
         """The step's rollout, KL, actor, critic, time and weight-sync metrics."""

@@ -121,11 +121,12 @@ class RoleGroups:
         """role -> the placement group it shares with its partner (actor+ref, critic+reward)."""
         self.restarts: list[dict] = []
         self.sync = None
-        """The `WeightSync` into the rollout engines (its last push is replayed into a restarted engine)."""
+        """The weight sync into the rollout engines (`WeightSync` or `CollectiveSync`, by `weight_sync.transport`);
+        a restarted engine is given the current weights again through it."""
 
     def start(self) -> None:
         """Rollout engines first (the most likely to fail on bad input), then the other roles."""
-        from llmray.rl.weight_sync import WeightSync
+        from llmray.rl.weight_sync import make_weight_sync
         from llmray.rl.worker_group import WorkerGroup
         from llmray.rl.workers.ref import RefWorker
         from llmray.rl.workers.reward import RewardWorker
@@ -143,7 +144,7 @@ class RoleGroups:
             {"model_dir": self.dirs["actor"], "max_model_len": r.max_model_len,
              "dtype": r.dtype if vllm else "float32", "seed": c.seed, **(engine_kw if vllm else {})},
             call_timeout_s=r.call_timeout_s, env=thread_env(c))
-        self.sync = WeightSync(c.weight_sync.bucket_mb, c.weight_sync.timeout_s)
+        self.sync = make_weight_sync(c.weight_sync, gpu=c.actor.gpus_per_worker > 0 and r.gpus_per_worker > 0)
         self._start_trainers()
         pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
         self.groups["ref"] = WorkerGroup(
@@ -230,7 +231,7 @@ class RoleGroups:
         for rank in ranks:
             self.log_restart("rollout", rank, group.restarts[-1]["cause"] if group.restarts else "died")
         if self.sync.last is not None:
-            self.sync.resync(group)
+            self.sync.resync(group, actor_group=self.groups.get("actor"))
 
     def write_pids(self) -> dict:
         """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills)."""

@@ -164,18 +164,28 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
-    # GPU transport: join the actor's NCCL broadcast group, then receive buckets by metadata.
+    # Collective transport: the engine's model workers join the actor's broadcast group themselves
+    # (in this process on CPU, in vLLM's worker processes on GPU); only the plan crosses collective_rpc.
     @register("broadcast")
-    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
-        """`rank_offset` is this engine's first rank in the group (the sender is rank 0)."""
-        return self.llm.collective_rpc("llmray_nccl_init", args=(master_address, master_port, rank_offset, world_size))
+    def weight_join(self, rank_offset: int, host: str, port: int, world_size: int, backend: str,
+                    timeout_s: float, name: str) -> list[int]:
+        """`rank_offset`: this engine's first rank in the group (the sender is rank 0)."""
+        return self.llm.collective_rpc("llmray_weight_join",
+                                       args=(rank_offset, host, port, world_size, backend, timeout_s, name))
 
     @register("broadcast")
-    def nccl_receive(self, meta: list) -> dict:
-        reports = self.llm.collective_rpc("llmray_nccl_receive", args=(meta,))
-        sums = {r["checksum"] for r in reports}
-        return {"checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}",
-                "num_tensors": reports[0]["num_tensors"], "bytes": reports[0]["bytes"]}
+    def weight_receive(self, plan: list) -> list[dict]:
+        """Per bucket: the checksum all tensor-parallel workers agree on (else `inconsistent:...`)."""
+        per_worker = self.llm.collective_rpc("llmray_weight_receive", args=(plan,))
+        out = []
+        for b in zip(*per_worker):
+            sums = {r["checksum"] for r in b}
+            out.append({**b[0], "checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}"})
+        return out
+
+    @register("broadcast")
+    def weight_leave(self) -> None:
+        self.llm.collective_rpc("llmray_weight_leave")
 
     @register("rank0")
     def tokenizer_info(self) -> dict:
@@ -279,17 +289,45 @@ class HFRolloutWorker:
 
         tensors = _resolve(bucket)["tensors"]
         digest = checksum(tensors.items())
-        own = dict(self.model.named_parameters())
-        unknown = sorted(set(tensors) - set(own))
-        if unknown:
-            raise UserError(f"weight bucket has tensors this model does not have: {unknown[:5]}")
-        import torch
-
-        with torch.no_grad():
-            for name, t in tensors.items():
-                own[name].copy_(t.to(own[name].dtype))
+        self._load_named(list(tensors.items()))
         return {"checksum": digest, "num_tensors": len(tensors),
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+    def _load_named(self, named) -> None:
+        import torch
+
+        own = dict(self.model.named_parameters())
+        unknown = sorted(n for n, _ in named if n not in own)
+        if unknown:
+            raise UserError(f"weight bucket has tensors this model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, t in named:
+                own[name].copy_(t.to(own[name].dtype))
+
+    @register("broadcast")
+    def weight_join(self, rank_offset: int, host: str, port: int, world_size: int, backend: str,
+                    timeout_s: float, name: str) -> list[int]:
+        from llmray.rl.weight_collective import WeightGroup
+
+        self.weight_leave()
+        self._weight_group = WeightGroup(host, port, rank_offset, world_size, backend, timeout_s, name)
+        return [rank_offset]
+
+    @register("broadcast")
+    def weight_receive(self, plan: list) -> list[dict]:
+        from llmray.rl.weight_collective import receive_buckets
+
+        try:
+            return receive_buckets(self._weight_group, plan, self._load_named)
+        except BaseException:
+            self.weight_leave()
+            raise
+
+    @register("broadcast")
+    def weight_leave(self) -> None:
+        group, self._weight_group = getattr(self, "_weight_group", None), None
+        if group is not None:
+            group.close()
 
     @register("broadcast")
     def reset_prefix_cache(self) -> None:
