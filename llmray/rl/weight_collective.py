@@ -20,7 +20,8 @@ dtypes, shapes) crosses `collective_rpc`; tensors arrive by broadcast straight i
 they never meet collective_rpc's argument serialization (which turns tensors into lists).
 
 One bucket is one broadcast: its tensors packed into one byte buffer (64-byte aligned slots), then
-viewed back on each receiver. Sender and receivers checksum the bucket's tensors (`checksum`); the
+viewed back on each receiver. Sender and receivers checksum the bucket's tensors (`checksum`), off
+the critical path (the sender while the bytes travel, a receiver while the bucket loads); the
 controller compares them per engine and bucket.
 """
 
@@ -68,13 +69,16 @@ class WeightGroup:
             opts._timeout = timeout
             self.pg = ProcessGroupNCCL(prefix, rank, world_size, opts)
 
-    def broadcast(self, tensor: "torch.Tensor") -> None:
-        """In place: rank 0's `tensor` is sent, the others' is overwritten."""
+    def post(self, tensor: "torch.Tensor"):
+        """Start a broadcast of `tensor` from rank 0 (in place on the others); returns its work (`.wait()`)."""
         from torch.distributed import BroadcastOptions
 
         opts = BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
+
+    def broadcast(self, tensor: "torch.Tensor") -> None:
+        self.post(tensor).wait()
 
     def close(self) -> None:
         """Drop the group; peers still waiting on it get a connection error instead of waiting out the timeout."""
@@ -147,8 +151,9 @@ def send_buckets(group: WeightGroup, plan: list[list[list]],
     for i, (bucket, named) in enumerate(zip(plan, buckets)):
         if named is None:
             raise ValueError(f"weight sync: bucket {i} has no tensors on the sending rank")
-        sums.append(checksum(named))
-        group.broadcast(pack(named, bucket, group.device))
+        work = group.post(pack(named, bucket, group.device))
+        sums.append(checksum(named))  # while the bytes travel
+        work.wait()
     if len(sums) != len(plan):
         raise ValueError(f"weight sync: sent {len(sums)} of {len(plan)} planned buckets")
     return sums
@@ -158,27 +163,31 @@ def receive_buckets(group: WeightGroup, plan: list[list[list]],
                     load: Callable[[list[tuple[str, "torch.Tensor"]]], None]) -> list[dict]:
     """Receive every bucket of `plan` and `load` it, in order; per bucket its checksum, tensors and bytes.
 
-    The next bucket's broadcast is posted before the current one loads, so transfer and load overlap.
+    The next bucket's broadcast is posted before the current one loads, so transfer and load overlap;
+    the checksum is taken on another thread while the bucket loads.
     """
-    import torch
-    from torch.distributed import BroadcastOptions
+    from concurrent.futures import ThreadPoolExecutor
 
-    opts = BroadcastOptions()
-    opts.rootRank, opts.rootTensor = 0, 0
+    import torch
 
     def post(i: int):
         buf = torch.empty(_layout(plan[i])[1], dtype=torch.uint8, device=group.device)
-        return buf, group.pg.broadcast([buf], opts)
+        return buf, group.post(buf)
 
     reports = []
     pending = post(0) if plan else None
-    for i, bucket in enumerate(plan):
-        buf, work = pending
-        work.wait()
-        pending = post(i + 1) if i + 1 < len(plan) else None
-        named = unpack(buf, bucket)
-        reports.append({"checksum": checksum(named), "num_tensors": len(named), "bytes": int(buf.numel())})
-        load(named)
+    with ThreadPoolExecutor(1, thread_name_prefix="weight-checksum") as pool:
+        for i, bucket in enumerate(plan):
+            buf, work = pending
+            t0 = time.perf_counter()
+            work.wait()
+            t1 = time.perf_counter()
+            pending = post(i + 1) if i + 1 < len(plan) else None
+            named = unpack(buf, bucket)
+            digest = pool.submit(checksum, named)  # while the bucket loads (both only read `buf`)
+            load(named)
+            reports.append({"checksum": digest.result(), "num_tensors": len(named), "bytes": int(buf.numel()),
+                            "wait_s": t1 - t0, "load_s": time.perf_counter() - t1})
     return reports
 
 
@@ -282,6 +291,9 @@ class CollectiveSync:
             "weight_sync/buckets": len(plan),
             "weight_sync/tensors": sum(len(b) for b in plan),
             "weight_sync/engines": n,
+            # Where an engine's time went: waiting for bytes vs loading (and checksumming) them; max over engines.
+            "weight_sync/engine_wait_s": max(sum(b["wait_s"] for b in rep) for rep in reports),
+            "weight_sync/engine_load_s": max(sum(b["load_s"] for b in rep) for rep in reports),
         }
 
     def resync(self, rollout_group: "WorkerGroup", ranks: list[int] | None = None, actor_group=None) -> dict:

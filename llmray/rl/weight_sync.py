@@ -112,7 +112,7 @@ def checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy; hashlib releases the GIL
     return h.hexdigest()[:32]
 
 
@@ -158,8 +158,12 @@ class WeightSync:
 
     def push_actor(self, actor_group: "WorkerGroup", rollout_group: "WorkerGroup") -> dict:
         """The actor's current weights (rank 0 puts the buckets; ZeRO-3 ranks gather with it) into every engine."""
+        t0 = time.monotonic()
         refs = [r for r in actor_group.weight_refs(self.bucket_mb) if r is not None][0]
-        return self.push(refs, rollout_group)
+        put_s = time.monotonic() - t0
+        m = self.push(refs, rollout_group)
+        # The whole push, the actor's gather and puts included (as the collective transport counts it).
+        return {**m, "weight_sync/sync_s": time.monotonic() - t0, "weight_sync/actor_put_s": put_s}
 
     def push(self, named_tensors_or_bucket_refs, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
         """Load the weights into every engine of `rollout_group` (or only `ranks`); return timing and size metrics.

@@ -40,14 +40,14 @@ class FaultyLink:
     def __getattr__(self, name):
         return getattr(self.group, name)
 
-    def broadcast(self, t) -> None:
+    def post(self, t):
         if self.fault == "corrupt" and self.sent == 1:
             t = t.clone()
             t[0] = 255 - t[0]
         if self.fault == "slow":
             time.sleep(0.3)
         self.sent += 1
-        self.group.broadcast(t)
+        return self.group.post(t)
 
 
 class FaultyActor(ActorWorker):
