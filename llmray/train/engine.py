@@ -8,7 +8,7 @@ in the environment, or it runs alone (world 1; a one-process gloo group is creat
     engine = build_deepspeed_engine(model, ds, opt, total_steps=1000)
     loss = engine(input_ids=x, labels=x, use_cache=False).loss
     engine.backward(loss); gn = optimizer_step(engine)  # the optimizer runs at accumulation boundaries
-    state = gather_full_state_dict(engine)           # every rank must call it (a collective at ZeRO-3)
+    state = gather_full_state_dict(engine, rank0_only=True)  # every rank must call it (a collective at ZeRO-3)
 
 `build_deepspeed_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
 ZeRO-3 keeps parameters sharded.
@@ -131,28 +131,52 @@ def build_deepspeed_engine(
     return engine
 
 
-def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
-    """The full (unsharded) state dict of the engine's module, on CPU, on every rank.
+def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None, rank0_only: bool = False,
+                           bucket_mb: float = 256) -> dict[str, "torch.Tensor"]:
+    """The full (unsharded) state dict of the engine's module, on CPU (with `rank0_only`: on rank 0,
+    an empty dict on the other ranks).
 
-    At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters`, a collective:
-    all ranks must call this together. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
+    At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters` about `bucket_mb`
+    at a time, a collective: all ranks must call this together, and no rank holds more than one
+    bucket gathered beyond what it keeps. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
     """
+    import torch
 
     module = engine.module if hasattr(engine, "module") else engine
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    keep = not rank0_only or rank == 0
     out: dict[str, torch.Tensor] = {}
 
-    def grab() -> None:
-        for k, v in module.state_dict().items():
-            t = v.detach().to("cpu", copy=True)
-            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    def grab(k: str, v) -> None:
+        t = v.detach().to("cpu", copy=True)
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
-        import deepspeed
+    if not getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        for k, v in module.state_dict().items() if keep else ():
+            grab(k, v)
+        return out
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            grab()
-    else:
-        grab()
+    from llmray.rl.weight_sync import bucket_names
+
+    state = module.state_dict(keep_vars=True)  # key -> the live Parameter (a tied one under both keys)
+    keys_of: dict[int, list[str]] = {}
+    for k, v in state.items():
+        keys_of.setdefault(id(v), []).append(k)
+    params = dict(module.named_parameters())
+    sizes = [(n, p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size())
+             for n, p in params.items()]
+    done: set[int] = set()
+    for names in bucket_names(sizes, bucket_mb):
+        ps = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
+            for p in ps if keep else ():
+                done.add(id(p))
+                for k in keys_of.get(id(p), []):
+                    grab(k, p)
+    for k, v in state.items() if keep else ():  # buffers (never partitioned)
+        if id(v) not in done and k not in out:
+            grab(k, v)
     return out
 
 

@@ -241,7 +241,7 @@ def train_loop(config: dict[str, Any]) -> None:
         result.update(ev)
         if logger is not None:
             logger.log(step, ev)
-    state = gather_full_state_dict(engine, dtype=torch.float32)
+    state = gather_full_state_dict(engine, dtype=torch.float32, rank0_only=True)  # bucket by bucket at ZeRO-3
     if rank == 0:
         out = run_dir / "export"
         spec.task.export(state, out)
