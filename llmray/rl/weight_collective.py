@@ -234,10 +234,14 @@ class CollectiveSync:
         sender = actor_group.weight_join.submit(0, *args, timeout_s=self.timeout_s)
         refs = [rollout_group.actors[r].call.remote("weight_join", (1 + r * tp, *args), {})
                 for r in range(rollout_group.num_workers)]
+        from llmray.rl.worker_group import WorkerDiedError
+
         try:
             sender.result()
             rollout_group._wait("weight_join", list(range(rollout_group.num_workers)), refs,
                                 time.monotonic() + self.timeout_s, self.timeout_s)
+        except WorkerDiedError:
+            raise  # a dead actor or engine: the caller restarts it
         except Exception as e:
             dead = _dead(rollout_group)
             raise WeightSyncError(f"weight sync: forming the {self.backend} group {name} (world {world}) failed: "
@@ -268,8 +272,10 @@ class CollectiveSync:
         try:
             reports = _wait_engines(rollout_group, recv, deadline, self.timeout_s, len(plan))
             sums = [s for s in sent.result() if s is not None][0]
-        except BaseException:
+        except BaseException as e:
             self._members = None  # re-form before the next push
+            if isinstance(e, WeightSyncError) and not e.dead_ranks:
+                _raise_if_dead(sent)  # the engines failed because the actor died: say that
             _settle(sent.refs)
             raise
         for b_idx, digest in enumerate(sums):
@@ -313,6 +319,22 @@ def _settle(refs: list, timeout_s: float = 10.0) -> None:
         try:
             ray.get(ref, timeout=0)
         except Exception:  # noqa: BLE001 - already reported through the engine's error
+            pass
+
+
+def _raise_if_dead(pending, timeout_s: float = 10.0) -> None:
+    """WorkerDiedError if a rank of this pending group call died (what the recipe restarts trainers on)."""
+    import ray
+
+    from llmray.rl.worker_group import WorkerDiedError
+
+    ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            pending.group._result(ref, pending.method, pending.ranks[pending.refs.index(ref)])
+        except WorkerDiedError:
+            raise
+        except Exception:  # noqa: BLE001 - its own failure, secondary to the engines'
             pass
 
 
