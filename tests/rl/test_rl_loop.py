@@ -161,6 +161,8 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     assert {r["role"] for r in restarts} >= {"rollout", "actor+critic"}
     assert all(r["cause"] for r in restarts) and any("died" in r["cause"] for r in restarts)
     rows = _rows(run_dir)
+    # the default transport on CPU is the collective one (gloo), through both restarts
+    assert all(r["weight_sync/engine_wait_s"] >= 0 and r["weight_sync/bytes"] > 0 for r in rows)
     steps = [r["step"] for r in rows]
     # after the actor kill the run went back to the last complete checkpoint and continued to 8
     back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
