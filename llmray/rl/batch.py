@@ -80,6 +80,13 @@ class RLBatch:
     def replace(self, **changes: Any) -> "RLBatch":
         return dataclasses.replace(self, **changes)
 
+    def to(self, device: "torch.device | str") -> "RLBatch":
+        """The batch with every tensor on `device` (a role's device, llmray.device). A tensor already there
+        is kept as it is, so on the CPU this copies nothing."""
+        changes = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                   if f.name not in _LIST_FIELDS and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, **changes)
+
     # ----- dispatch
     def select(self, idx: "torch.Tensor | list[int]") -> "RLBatch":
         import torch
@@ -93,7 +100,7 @@ class RLBatch:
             elif f.name in _LIST_FIELDS:
                 out[f.name] = [v[i] for i in idx_t.tolist()] if v else []
             else:
-                out[f.name] = v.index_select(0, idx_t)
+                out[f.name] = v.index_select(0, idx_t.to(v.device))
         return RLBatch(**out)
 
     def split(self, n: int) -> list["RLBatch"]:
@@ -137,7 +144,7 @@ class RLBatch:
             for v in vals:
                 gap = width - v.size(1)
                 if gap:
-                    pad = torch.full((v.size(0), gap), pad_value, dtype=v.dtype)
+                    pad = torch.full((v.size(0), gap), pad_value, dtype=v.dtype, device=v.device)
                     v = torch.cat([pad, v] if left else [v, pad], 1)
                 padded.append(v)
             out[f.name] = torch.cat(padded, 0)

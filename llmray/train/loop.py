@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmray.device import to_device
 from llmray.train import checkpoint as ckpt
 from llmray.train import shm_comm
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
@@ -88,8 +89,10 @@ def _to_tensor(col: "np.ndarray") -> "torch.Tensor":
     return t.long() if t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8) else t
 
 
-def to_batch(rows: dict[str, "np.ndarray"]) -> dict[str, "torch.Tensor"]:
-    return {k: _to_tensor(v) for k, v in rows.items()}
+def to_batch(rows: dict[str, "np.ndarray"], device: "torch.device | str | None" = None) -> dict[str, "torch.Tensor"]:
+    """Columns as tensors, on `device` when given (the engine's: `engine.device`, see llmray.device)."""
+    batch = {k: _to_tensor(v) for k, v in rows.items()}
+    return batch if device is None else to_device(batch, device)
 
 
 def rss_gb() -> float:
@@ -171,7 +174,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 t_mark = time.perf_counter()
                 continue  # already trained on before the resume: read past, do not train
             t0 = time.perf_counter()
-            local = to_batch({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()})
+            local = to_batch({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()}, engine.device)
             if "input_ids" in local:
                 checksum += int(local["input_ids"].sum())
             loss, sums, ntok = spec.task.loss(engine, local)

@@ -52,6 +52,7 @@ class ActorWorker:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         opt = build(OptimizerConfig, optimizer, "actor.optimizer")
         self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
+        self.device = self.engine.device  # the role's GPU (llmray.device), or the CPU
         self.micro_batch_size = ds.micro_batch_size
         self.temperature = temperature
         self.model_dir = model_dir
@@ -65,9 +66,10 @@ class ActorWorker:
 
         self.engine.module.eval()
         with torch.no_grad():
-                parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
-                     for mb in batch.chunks(self.micro_batch_size)]
-        return batch.replace(logprobs=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+            parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
+                     for mb in batch.to(self.device).chunks(self.micro_batch_size)]
+        # Results go back on the CPU: the batch crosses processes.
+        return batch.replace(logprobs=torch.cat(parts, 0).cpu() if parts else torch.zeros_like(batch.response_mask))
 
     @register("split")
     def update(self, batch: RLBatch, spec: dict, ptx_ids=None) -> dict:
@@ -84,6 +86,7 @@ class ActorWorker:
         if batch.advantages is None or (batch.logprobs is None and not u.on_policy):
             raise ValueError("actor.update needs advantages and logprobs in the batch")
         start = time.monotonic()
+        batch = batch.to(self.device)
         self.engine.module.train()
         sums: dict[str, float] = {}
         norms: list[float] = []
@@ -137,7 +140,7 @@ class ActorWorker:
 
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(ptx_ids.size(0), generator=g)[: self.micro_batch_size]
-        ids = ptx_ids[idx]
+        ids = ptx_ids[idx].to(self.device)
         pad = self.engine.module.config.pad_token_id
         labels = ids.masked_fill(ids == pad, -100)
         out = self.engine.module(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels, use_cache=False)
@@ -194,7 +197,7 @@ class ActorWorker:
         out = []
         with torch.no_grad():
             for p in prompt_ids:
-                ids = m.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
+                ids = m.generate(torch.tensor([p], device=self.device), max_new_tokens=max_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=m.config.pad_token_id)
                 out.append(ids[0, len(p):].tolist())
         return out

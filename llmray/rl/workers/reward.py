@@ -23,8 +23,12 @@ class RewardWorker:
             import torch
             from transformers import AutoModelForSequenceClassification
 
+            from llmray.device import worker_device
+
             torch.set_grad_enabled(False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+            self.device = worker_device()  # the GPU Ray gave this actor (reward.gpus_per_worker), or the CPU
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=torch.float32).eval().to(self.device)
 
     @register("split")
     def score(self, batch: RLBatch) -> RLBatch:
@@ -46,15 +50,15 @@ class RewardWorker:
 
         out = []
         with torch.no_grad():
-            for mb in batch.chunks(self.micro_batch_size):
+            for mb in batch.to(self.device).chunks(self.micro_batch_size):
                 am = mb.attention_mask
                 h = self.model.model(input_ids=mb.input_ids, attention_mask=am, position_ids=mb.position_ids,
                                      use_cache=False).last_hidden_state
                 logits = self.model.score(h).squeeze(-1)  # (b, L)
                 # last real token: rightmost position of the attention mask
                 last = am.size(1) - 1 - am.flip(-1).argmax(-1)
-                out.append(logits[torch.arange(logits.size(0)), last])
-        return torch.cat(out).float() if out else torch.zeros(0)
+                out.append(logits[torch.arange(logits.size(0), device=logits.device), last])
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
     @register("rank0")
     def ping(self) -> int:

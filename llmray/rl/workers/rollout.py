@@ -82,6 +82,23 @@ def _resolve(bucket: Any) -> dict:
     return ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
 
 
+def rollout_engine(model_dir: str, max_model_len: int = 512, dtype: str = "auto", seed: int = 0,
+                   enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
+                   gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs", in_process: bool = True,
+                   max_num_seqs: int = 256, **_worker_only) -> tuple:
+    """(EngineConfig, extra `vllm.LLM` kwargs) of a rollout engine built with these init kwargs; pure, so
+    that `llmray plan` prints the engine arguments the worker will use."""
+    from llmray.vllm_engine import EngineConfig
+
+    # The engine in this process (`engine_core`): killing this actor's process kills the engine with it.
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+                       enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization,
+                       worker_process="engine_core" if in_process else "separate")
+    return cfg, {"worker_extension_cls": "llmray.rl.vllm_ext.WeightLoader", "logprobs_mode": logprobs_mode,
+                 "enable_prefix_caching": True}
+
+
 class RolloutWorker:
     """One vLLM engine (`vllm.LLM`) in this process: generation with per-token logprobs, in-place weight loads."""
 
@@ -89,7 +106,7 @@ class RolloutWorker:
                  enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs",
                  in_process: bool = True, max_num_seqs: int = 256, cpu_threads_bind: str | None = "nobind"):
-        from llmray.vllm_engine import EngineConfig, build_llm
+        from llmray.vllm_engine import build_llm
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise UserError(f"rollout.model_dir: {model_dir} has no config.json (not a Hugging Face model dir)")
@@ -98,16 +115,13 @@ class RolloutWorker:
         # actors of that node (57 vs 32 tok/s on a busy 2-core box). Or "0-3" etc.
         if cpu_threads_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
-        # The engine in this process (`engine_core`): killing this actor's process kills the engine with it.
-        cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
-                           enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb,
-                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                           worker_process="engine_core" if in_process else "separate")
+        cfg, extra = rollout_engine(model_dir, max_model_len, dtype, seed, enforce_eager, kv_cache_gb,
+                                    tensor_parallel_size, gpu_memory_utilization, logprobs_mode, in_process,
+                                    max_num_seqs)
         t0 = time.monotonic()
         self.model_dir, self.max_model_len = model_dir, max_model_len
         try:
-            self.llm = build_llm(model_dir, cfg, worker_extension_cls="llmray.rl.vllm_ext.WeightLoader",
-                                 logprobs_mode=logprobs_mode, enable_prefix_caching=True)
+            self.llm = build_llm(model_dir, cfg, **extra)
         except Exception as e:  # noqa: BLE001 - the engine's own error, with the model named
             raise UserError(f"rollout engine failed to start on {model_dir}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
