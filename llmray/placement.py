@@ -48,6 +48,13 @@ class Role:
     bundle: dict[str, float]
     """What one worker asks Ray for (CPU, GPU, custom resources)."""
     key: str
+    settings: dict[str, str] = field(default_factory=dict)
+    """Config key of a resource or of the worker count (`workers`) when not `<key>.cpus_per_worker`,
+    `<key>.gpus_per_worker`, `<key>.resources.<name>`, `<key>.num_workers`."""
+
+    def setting(self, what: str) -> str:
+        default = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker", "workers": "num_workers"}
+        return self.settings.get(what) or f"{self.key}.{default.get(what, f'resources.{what}')}"
 
 
 @dataclass(frozen=True)
@@ -141,16 +148,15 @@ def _take(free: dict[str, float], gpu_free: list[float], bundle: dict[str, float
 def _too_big(group: Group, nodes: list[Node]) -> PlanError | None:
     """A bundle larger than every node (even empty): the per-worker setting is wrong."""
     bundle = group.bundles()[0]
-    for k, v in bundle.items():
+    for k, v in sorted(bundle.items(), key=lambda kv: kv[0] != "GPU"):  # GPUs first: the likely culprit
         if k == "memory":
             continue
         most = max(n.capacity().get(k, 0.0) for n in nodes)
         if v > most + EPS:
             role = max(group.roles, key=lambda r: r.bundle.get(k, 0.0))
-            setting = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}.get(k, f"resources.{k}")
             together = f" (with {'+'.join(r.name for r in group.roles)} in one bundle: {v:g})" \
                 if len(group.roles) > 1 else ""
-            return PlanError(f"{role.key}.{setting}: a {group.name} worker needs {k}={v:g}{together} but the "
+            return PlanError(f"{role.setting(k)}: a {group.name} worker needs {k}={v:g}{together} but the "
                              f"largest node has {k}={most:g}")
     return None
 
@@ -177,9 +183,10 @@ def place(groups: list[Group], nodes: list[Node]) -> list[Slot]:
                 short = ", ".join(f"{n.name}: " + " ".join(f"{k}={free[n.name].get(k, 0):g}" for k in b
                                                             if k != "GPU") +
                                   f" GPU={sum(gpu_free[n.name]):g}" for n in nodes)
-                raise PlanError(f"{role.key}.num_workers: {group.name} worker {i} of {len(bundles)} (bundle {b}) "
-                                f"does not fit: the earlier groups left {short}; lower {role.key}.num_workers "
-                                f"or the per-worker resources, or describe more nodes")
+                key = role.setting("workers")
+                raise PlanError(f"{key}: {group.name} worker {i} of {len(bundles)} (bundle {b}) does not fit: "
+                                f"the earlier groups left {short}; lower {key} or the per-worker resources, "
+                                f"or describe more nodes")
             placed.append((node, _take(free[node], gpu_free[node], b)))
         slots += _slots(group, placed)
     return slots
