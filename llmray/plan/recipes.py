@@ -243,12 +243,19 @@ def plan_driver_only(stage: str, cfg) -> StagePlan:
     return p
 
 
+RAY_DEFAULTS = ("ray.resource_wait_s", "ray.connect_timeout_s")
 DATA_KEYS = ("cpus", "partitions", "chunk_rows", "batch", "concurrency", "workers", "shard")
+
+
+RAY_DATA_STAGES = ("clean-dedup", "pack")
 
 
 def plan_data(stage: str, cfg) -> StagePlan:
     """Data stages: Ray Data / Ray tasks, no worker groups; the settings that size their tasks."""
     p = StagePlan(stage, "")
+    if stage not in RAY_DATA_STAGES:
+        p.notes.append(f"{stage} runs in the driver process: no Ray, no worker groups")
+        return p
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -257,7 +264,9 @@ def plan_data(stage: str, cfg) -> StagePlan:
             else:
                 yield f"{prefix}{k}", v
 
+    # The keys that size its tasks, and the Ray settings that differ from a local cluster's defaults.
     p.settings["ray_data"] = {k: v for k, v in flat(to_dict(cfg))
-                              if any(w in k.rsplit(".", 1)[-1] for w in DATA_KEYS) or k.startswith("ray.")}
-    p.notes.append(f"{stage} runs Ray Data / Ray tasks sized by the settings below; no worker groups")
+                              if (not k.startswith("ray.") and any(w in k.rsplit(".", 1)[-1] for w in DATA_KEYS))
+                              or (k.startswith("ray.") and v not in (None, {}, False) and k not in RAY_DEFAULTS)}
+    p.notes.append(f"{stage} runs Ray Data tasks sized by these settings; no worker groups")
     return p
