@@ -213,7 +213,9 @@ def plan_serve(cfg, nodes: list[Node]) -> StagePlan:
 
     p = StagePlan("serve", "")
     dep, auto = cfg.deployment, cfg.deployment.autoscaling
-    bundle = {"CPU": dep.num_cpus, **({"GPU": dep.num_gpus} if dep.num_gpus else {})}
+    opts = deployment_options(cfg)
+    actor = opts["ray_actor_options"]  # what Serve asks Ray for, per replica
+    bundle = {"CPU": actor["num_cpus"], **({"GPU": actor["num_gpus"]} if actor["num_gpus"] else {})}
     n = max(1, auto.max_replicas)
     keys = {"CPU": "deployment.num_cpus", "GPU": "deployment.num_gpus",
             "workers": "deployment.autoscaling.max_replicas"}
@@ -221,8 +223,7 @@ def plan_serve(cfg, nodes: list[Node]) -> StagePlan:
     on_gpu = dep.num_gpus > 0
     p.vllm["replica"] = async_engine_kwargs(cfg.model, cfg.engine, cfg.name(), gpu=on_gpu, check_files=False,
                                             **cfg.serving_engine_kwargs())
-    opts = deployment_options(cfg)
-    opts["ray_actor_options"] = {k: v for k, v in opts["ray_actor_options"].items() if k != "runtime_env"}
+    opts["ray_actor_options"] = {k: v for k, v in actor.items() if k != "runtime_env"}
     p.settings["deployment"] = opts
     p.notes.append(f"placed at deployment.autoscaling.max_replicas={n} replicas (Serve starts "
                    f"{max(1, auto.min_replicas)} and adds replicas under load)")
