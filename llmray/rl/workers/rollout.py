@@ -217,7 +217,10 @@ class HFRolloutWorker:
         self.model_dir, self.max_model_len, self.batch_size, self.seed = model_dir, max_model_len, batch_size, seed
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                        "auto": torch.float32}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        from llmray.device import worker_device
+
+        self.device = worker_device()  # the GPU Ray gave this actor (rollout.gpus_per_worker), or the CPU
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
@@ -248,7 +251,7 @@ class HFRolloutWorker:
         stops = ([] if s["ignore_eos"] else [self.eos_id]) + s["stop_token_ids"]
         greedy = float(s["temperature"]) == 0.0
         gen: dict[str, Any] = dict(
-            input_ids=ids, attention_mask=mask, max_new_tokens=int(s["max_tokens"]),
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=int(s["max_tokens"]),
             min_new_tokens=int(s["min_tokens"]) or None, num_return_sequences=n, do_sample=not greedy,
             pad_token_id=self.pad_id, eos_token_id=stops or None, return_dict_in_generate=True,
             output_logits=True, use_cache=True,
@@ -264,7 +267,8 @@ class HFRolloutWorker:
             out = self.model.generate(**gen)
         new = out.sequences[:, width:]                               # (B*n, T)
         logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # raw distribution, (B*n, T, V)
-        tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()  # results leave on the CPU
+        new = new.cpu()
         results = []
         for row in range(new.shape[0]):
             toks = new[row].tolist()
