@@ -98,3 +98,15 @@ def test_plan_bundles_are_the_ones_the_role_groups_ask_ray_for():
     grpo = {g.name for g in placement_groups(rl(algo={"algorithm": "grpo", "prompts_per_step": 4, "n_samples": 4,
                                                        "minibatch_size": 16}))}
     assert "critic" not in grpo
+
+
+def test_custom_resources_pin_workers_to_the_nodes_that_offer_them():
+    """`<role>.resources` (a node label such as node_b) goes into the bundle; only nodes offering it take it."""
+    nodes = [Node("a", cpus=8), Node("b", cpus=8, resources={"node_b": 4})]
+    slots = place([Group((Role("rollout", 2, {"CPU": 1, "node_b": 1}, "rollout"),)),
+                   Group((Role("actor", 2, {"CPU": 1}, "actor"),))], nodes)
+    assert [s.node for s in slots if s.role == "rollout"] == ["b", "b"]
+    assert [s.node for s in slots if s.role == "actor"] == ["a", "a"]
+    with pytest.raises(PlanError, match=r"^rollout\.resources\.node_c: .*needs node_c=1 but the largest node has "
+                                        r"node_c=0"):
+        place([Group((Role("rollout", 1, {"CPU": 1, "node_c": 1}, "rollout"),))], nodes)
