@@ -154,14 +154,23 @@ def _rl_memory(p: StagePlan, cfg, nodes: list[Node], preset: str | None, ds: dic
     if shape is None:
         return
     seq = cfg.rollout.max_model_len
+    # A role with a model directory of its own (critic/reward from the reward model, a different ref)
+    # is estimated with that model's shape; the others with the policy's.
+    own = {"critic": cfg.critic.model or (cfg.reward.model if cfg.reward.kind != "rule" else None),
+           "ref": cfg.ref.model, "reward": cfg.reward.model}
+
+    def shape_of(role: str):
+        d = own.get(role)
+        return model_shape_for(d, None, f"{role}.model", []) if d and (Path(d) / "config.json").is_file() else shape
     per: dict[str, tuple[float, Any]] = {}
     for role in ds:
         rc = getattr(cfg, role)
-        est = memory.estimate(shape, ds[role], seq, rc.num_workers, on_gpu=on_gpu[role])
+        est = memory.estimate(shape_of(role), ds[role], seq, rc.num_workers, on_gpu=on_gpu[role])
         per[role] = (est.device_gb, est)
-    per["ref"] = (memory.inference_gb(shape, cfg.ref.micro_batch_size, seq, on_gpu=on_gpu["ref"]), None)
+    per["ref"] = (memory.inference_gb(shape_of("ref"), cfg.ref.micro_batch_size, seq, on_gpu=on_gpu["ref"]), None)
     if cfg.reward.kind != "rule":
-        per["reward"] = (memory.inference_gb(shape, 32, seq, on_gpu=on_gpu["reward"]), None)
+        # 32: RewardWorker's micro-batch (RoleGroups keeps its default)
+        per["reward"] = (memory.inference_gb(shape_of("reward"), 32, seq, on_gpu=on_gpu["reward"]), None)
     weights_gb = shape.num_params() * 2 / memory.GB  # vLLM holds bf16 weights
     util = p.vllm.get("rollout", {}).get("gpu_memory_utilization", 0.0)
     for role, (gb, est) in per.items():

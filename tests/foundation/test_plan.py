@@ -121,3 +121,22 @@ def test_cli_prints_the_plan_and_exits_2_naming_the_key():
             "algo.prompts_per_step=128")
     assert r.returncode == 2 and r.stderr.startswith("llmray plan: error: rollout.num_workers") \
         and "Traceback" not in r.stderr
+
+
+def test_memory_comes_from_the_model_directory_when_it_exists(tiny_model_dir):
+    """No --model-preset needed once the model exists: the shape is read from its config.json, as the
+    stage's own check_memory does."""
+    from llmray.models.model_dir import check_model_dir, model_shape
+    from llmray.stages.sft import SFTConfig
+    from llmray.train.trainer import estimate_memory
+
+    path = ROOT / "jobs/configs/sft/tiny_lora.yaml"
+    plan = make_plan(str(path), cluster="local", overrides=[f"model={tiny_model_dir}"])
+    cfg = load(SFTConfig, path, [f"model={tiny_model_dir}"])
+    from llmray.stages.sft import lora_trainable
+
+    shape = model_shape(check_model_dir(str(tiny_model_dir)))
+    want = estimate_memory(cfg, shape, cfg.seq_len, lora_trainable(shape, cfg.lora))
+    assert plan.memory[0]["per_worker_gb"] == round(want.device_gb, 2) and not plan.notes
+    rl = make_plan(str(ROOT / "jobs/configs/ppo/tiny_cpu.yaml"), cluster="local", overrides=[f"model={tiny_model_dir}"])
+    assert {m["role"] for m in rl.memory} == {"actor", "critic", "ref"} and all(m["where"] == "host" for m in rl.memory)
