@@ -6,8 +6,9 @@
     roles.restart_trainers(cause)                   # a DeepSpeed world cannot lose a rank and go on
     roles.shutdown()
 
-Every restart is logged with its cause in `run_dir`/restarts.jsonl, and `run_dir`/workers.json holds the
-worker process ids by role (what an operator or a chaos test kills).
+Every restart is logged with its cause in `run_dir`/restarts.jsonl, `run_dir`/workers.json holds the
+worker process ids by role (what an operator or a chaos test kills) and `run_dir`/nodes.json the Ray
+node each rank runs on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from llmray.rl.config import RLConfig
 log = logging.getLogger(__name__)
 
 
-def _res(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def _res(rc) -> dict:
+    """A role worker's Ray resources: its CPUs, GPUs and custom resources (`<role>.resources`)."""
+    return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
+            **rc.resources}
 
 
 def thread_budget(cfg: RLConfig) -> int:
@@ -139,7 +142,7 @@ class RoleGroups:
                      "logprobs_mode": "raw_logprobs" if r.temperature == 1.0 else "processed_logprobs"}
         self.groups["rollout"] = WorkerGroup(
             "rollout", RolloutWorker if vllm else HFRolloutWorker, r.num_workers,
-            _res(r.cpus_per_worker, r.gpus_per_worker),
+            _res(r),
             {"model_dir": self.dirs["actor"], "max_model_len": r.max_model_len,
              "dtype": r.dtype if vllm else "float32", "seed": c.seed, **(engine_kw if vllm else {})},
             call_timeout_s=r.call_timeout_s, env=thread_env(c))
@@ -147,13 +150,13 @@ class RoleGroups:
         self._start_trainers()
         pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
         self.groups["ref"] = WorkerGroup(
-            "ref", RefWorker, c.ref.num_workers, _res(c.ref.cpus_per_worker, c.ref.gpus_per_worker),
+            "ref", RefWorker, c.ref.num_workers, _res(c.ref),
             {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
             placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
             env=thread_env(c))
         pg_rw = self._colocated("critic") if c.placement.colocate_critic_reward else (None, None)
         self.groups["reward"] = WorkerGroup(
-            "reward", RewardWorker, c.reward.num_workers, _res(c.reward.cpus_per_worker, c.reward.gpus_per_worker),
+            "reward", RewardWorker, c.reward.num_workers, _res(c.reward),
             {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
              "model_weight": c.reward.model_weight},
             placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
@@ -173,9 +176,9 @@ class RoleGroups:
         if not colocate:
             return None, None
         if role not in self.shared_pgs:  # not a restart, where the partner role still lives there
-            pc = getattr(c, partner)
             # One bundle per rank holds both roles' fractional resources.
-            bundle = {k: v + _res(pc.cpus_per_worker, pc.gpus_per_worker).get(k, 0.0) for k, v in res.items()}
+            pres = _res(getattr(c, partner))
+            bundle = {k: res.get(k, 0.0) + pres.get(k, 0.0) for k in {**res, **pres}}
             pg = make_placement_group([bundle] * num_workers, what=f"{role}+{partner} placement group")
             self.pgs.append(pg)
             self.shared_pgs[role] = pg
@@ -194,7 +197,7 @@ class RoleGroups:
                                      ("critic", CriticWorker, c.critic, {})]:
             if role == "critic" and not c.algo.uses_critic:
                 continue
-            res = _res(rc.cpus_per_worker, rc.gpus_per_worker)
+            res = _res(rc)
             pg, bundles = self._trainer_placement(role, res, rc.num_workers)
             # The engine's micro-batch must fit the per-rank minibatch.
             per_rank = c.algo.minibatch_size // rc.num_workers
@@ -233,12 +236,23 @@ class RoleGroups:
             self.sync.resync(group)
 
     def write_pids(self) -> dict:
-        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills)."""
+        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills);
+        `run_dir`/nodes.json: role -> [{node_id, node_ip} by rank] (where each worker runs)."""
         pids = {role: g.pids() for role, g in self.groups.items()}
-        tmp = self.out / ".workers.json.tmp"
-        tmp.write_text(json.dumps(pids))
-        os.replace(tmp, self.out / "workers.json")
+        nodes = {role: self.nodes(g) for role, g in self.groups.items()}
+        for name, data in (("workers.json", pids), ("nodes.json", nodes)):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.out / name)
         return pids
+
+    @staticmethod
+    def nodes(group) -> list[dict[str, str]]:
+        """Per rank of `group`: the Ray node it runs on ({node_id, node_ip}); asked on the control
+        concurrency group, so a busy worker answers too."""
+        import ray
+
+        return ray.get([a.node.options(concurrency_group="control").remote() for a in group.actors], timeout=60)
 
     def log_restart(self, role: str, rank: int, cause: str) -> None:
         rec = {"time": time.time(), "role": role, "rank": rank, "cause": cause}

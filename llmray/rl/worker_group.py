@@ -94,6 +94,10 @@ class _Host:
     def ping(self) -> bool:
         return True
 
+    def node(self) -> dict[str, str]:  # where this rank runs (nodes.json)
+        import ray
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
     def pid(self) -> int:
         return os.getpid()
 
