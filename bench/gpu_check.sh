@@ -107,16 +107,13 @@ record() {  # record NAME PASS|FAIL DETAIL
   printf '%s %-8s %s\n' "$2" "$1" "$3"
   RESULTS+=("$2 $1")
 }
-run_logged() {  # run_logged NAME CMD...: output to $W/logs/NAME.log, the step lines echoed as progress
+run_logged() {  # run_logged NAME CMD...: full output to $W/logs/NAME.log, the step lines echoed as progress
   local name="$1"; shift
-  "$@" > "$W/logs/$name.log" 2>&1 &
-  local pid=$!
-  tail -n +1 -f "$W/logs/$name.log" --pid=$pid 2>/dev/null | grep --line-buffered -E '^\[llmray\]|step |error' &
-  wait $pid
-  local rc=$?
-  sleep 0.5
-  return $rc
+  "$@" 2>&1 | tee "$W/logs/$name.log" | grep --line-buffered -E '^\[llmray\]|step [0-9]+|rror'
+  return "${PIPESTATUS[0]}"
 }
+SERVE_PID=""
+trap '[ -n "$SERVE_PID" ] && kill -INT "$SERVE_PID" 2>/dev/null; exit 130' INT TERM
 
 # --- 0. data: corpus -> clean/dedup -> tokenizer -> pack on CPU (the pipeline's tiny config) -------------
 say "data: llmray ${DATA[*]}"
@@ -169,8 +166,13 @@ fi
 
 # --- 3. serve + 8 openai requests -----------------------------------------------------------------------
 say "serve: the GRPO model on Ray Serve, 8 requests with the openai client"
+# Job control on for this one: a background command of a script otherwise ignores SIGINT, and SIGINT
+# is what makes `llmray serve` drain and stop its Ray cluster. Its own process group, too, so the
+# fallback below can kill everything it started.
+set -m
 "${LLMRAY[@]}" "${SERVE[@]}" > "$W/logs/serve.log" 2>&1 &
 SERVE_PID=$!
+set +m
 URL="" MODEL=""
 for _ in $(seq 1 240); do  # up to 4 minutes for the engine to start
   line=$(grep -m1 -E '^llmray serve: .* at http' "$W/logs/serve.log" 2>/dev/null) && {
@@ -202,7 +204,9 @@ EOF
   ) || verdict="FAIL the openai requests failed (see $W/logs/serve.log)"
   record serve "${verdict%% *}" "${verdict#* }"
 fi
-kill -INT $SERVE_PID 2>/dev/null && { timeout 60 tail -f /dev/null --pid=$SERVE_PID 2>/dev/null || kill -KILL $SERVE_PID 2>/dev/null; }
+say "serve: stopping the server (SIGINT: drain, then Ray shuts down)"
+kill -INT $SERVE_PID 2>/dev/null && { timeout 90 tail -f /dev/null --pid=$SERVE_PID 2>/dev/null ||
+  { echo "the server did not stop within 90 s: killing its process group" >&2; kill -KILL -- -$SERVE_PID 2>/dev/null; }; }
 
 # --- summary --------------------------------------------------------------------------------------------
 FAILS=0
