@@ -31,6 +31,12 @@ def _res(rc) -> dict:
             **rc.resources}
 
 
+def shared_bundle(a: dict, b: dict) -> dict:
+    """One placement bundle holding two colocated workers (actor+ref, critic+reward): every resource
+    either asks for, summed (fractional CPUs/GPUs, custom resources)."""
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {**a, **b}}
+
+
 def thread_budget(cfg: RLConfig) -> int:
     return cfg.threads or os.cpu_count() or 1
 
@@ -176,9 +182,7 @@ class RoleGroups:
         if not colocate:
             return None, None
         if role not in self.shared_pgs:  # not a restart, where the partner role still lives there
-            # One bundle per rank holds both roles' fractional resources.
-            pres = _res(getattr(c, partner))
-            bundle = {k: res.get(k, 0.0) + pres.get(k, 0.0) for k in {**res, **pres}}
+            bundle = shared_bundle(res, _res(getattr(c, partner)))
             pg = make_placement_group([bundle] * num_workers, what=f"{role}+{partner} placement group")
             self.pgs.append(pg)
             self.shared_pgs[role] = pg

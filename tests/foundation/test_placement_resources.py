@@ -8,7 +8,7 @@ import pytest
 
 from llmray.config import ConfigError, load
 from llmray.rl.config import RLConfig
-from llmray.rl.groups import _res
+from llmray.rl.groups import _res, shared_bundle
 from llmray.stages.pretrain import PretrainConfig
 from llmray.train.trainer import worker_resources
 
@@ -19,6 +19,8 @@ def test_rl_role_resources_reach_the_worker_bundle():
     assert _res(cfg.rollout) == {"CPU": 1.0, "node_b": 1}
     assert _res(cfg.actor) == {"CPU": 1.0, "GPU": 0.5, "node_a": 1, "fast_disk": 0.5}
     assert _res(cfg.ref) == {"CPU": 0.5}  # none asked: CPU only, as before
+    # Colocated (placement.colocate_actor_ref): one bundle holds both workers' resources.
+    assert shared_bundle(_res(cfg.actor), _res(cfg.ref)) == {"CPU": 1.5, "GPU": 0.5, "node_a": 1, "fast_disk": 0.5}
 
 
 def test_train_workers_ask_ray_train_for_their_resources():
