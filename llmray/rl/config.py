@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llmray.cluster import RayConfig
+from llmray.cluster import RayConfig, check_custom_resources
 from llmray.config import check
 from llmray.rl.algorithms import AlgoConfig
 from llmray.train.checkpoint import CheckpointConfig
@@ -31,6 +31,9 @@ class TrainRoleConfig:
     """Data-parallel ranks; must divide the rollout batch and the minibatch."""
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     deepspeed: DeepSpeedConfig = field(default_factory=_rl_deepspeed)
     optimizer: OptimizerConfig = field(default_factory=_rl_optimizer)
 
@@ -46,6 +49,9 @@ class RefConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     micro_batch_size: int = 32
 
 
@@ -60,6 +66,9 @@ class RewardConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
 
     def __post_init__(self) -> None:
         check(self.kind == "rule" or self.model is not None, "reward.model",
@@ -73,6 +82,9 @@ class RolloutConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     max_model_len: int = 256
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """vLLM dtype. `auto`: bf16 on a GPU or a bf16-capable CPU, else fp32 (llmray.hardware). The actor
@@ -192,6 +204,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
+        for role in ("actor", "critic", "ref", "reward", "rollout"):
+            check_custom_resources(getattr(self, role).resources, f"{role}.resources")
         B = self.algo.batch_size
         roles = [("actor", self.actor.num_workers), ("ref", self.ref.num_workers),
                  ("reward", self.reward.num_workers), ("rollout", self.rollout.num_workers)]

@@ -6,8 +6,9 @@
     roles.restart_trainers(cause)                   # a DeepSpeed world cannot lose a rank and go on
     roles.shutdown()
 
-Every restart is logged with its cause in `run_dir`/restarts.jsonl, and `run_dir`/workers.json holds the
-worker process ids by role (what an operator or a chaos test kills).
+Every restart is logged with its cause in `run_dir`/restarts.jsonl, `run_dir`/workers.json holds the
+worker process ids by role (what an operator or a chaos test kills) and `run_dir`/nodes.json the Ray
+node each rank runs on.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def _res(rc) -> dict:
-    """A role worker's Ray resources (`<role>.cpus_per_worker`, `<role>.gpus_per_worker`): its bundle."""
-    return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {})}
+    """A role worker's Ray resources: its CPUs, GPUs and custom resources (`<role>.resources`): its bundle."""
+    return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
+            **rc.resources}
 
 
 def placement_groups(cfg: RLConfig) -> list:
@@ -273,12 +275,23 @@ class RoleGroups:
             self.sync.resync(group)
 
     def write_pids(self) -> dict:
-        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills)."""
+        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills);
+        `run_dir`/nodes.json: role -> [{node_id, node_ip} by rank] (where each worker runs)."""
         pids = {role: g.pids() for role, g in self.groups.items()}
-        tmp = self.out / ".workers.json.tmp"
-        tmp.write_text(json.dumps(pids))
-        os.replace(tmp, self.out / "workers.json")
+        nodes = {role: self.nodes(g) for role, g in self.groups.items()}
+        for name, data in (("workers.json", pids), ("nodes.json", nodes)):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.out / name)
         return pids
+
+    @staticmethod
+    def nodes(group) -> list[dict[str, str]]:
+        """Per rank of `group`: the Ray node it runs on ({node_id, node_ip}); asked on the control
+        concurrency group, so a busy worker answers too."""
+        import ray
+
+        return ray.get([a.node.options(concurrency_group="control").remote() for a in group.actors], timeout=60)
 
     def log_restart(self, role: str, rank: int, cause: str) -> None:
         rec = {"time": time.time(), "role": role, "rank": rank, "cause": cause}

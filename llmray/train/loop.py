@@ -116,6 +116,7 @@ def _allreduce(values: list[float], op: str = "sum") -> list[float]:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (`TorchTrainer(train_loop_per_worker=train_loop)`)."""
+    import ray
     import ray.train
     import torch
 
@@ -129,6 +130,7 @@ def train_loop(config: dict[str, Any]) -> None:
     run_dir = Path(spec.run_dir)
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    (run_dir / "pids" / f"rank{rank}.node").write_text(ray.get_runtime_context().get_node_id())
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     baseline_gb = rss_gb()
 
@@ -248,6 +250,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         out = run_dir / "export"
         spec.task.export(state, out)
+        # Where each rank ran (Ray node ids by rank), from the files every rank wrote at start.
+        result["worker_nodes"] = [(run_dir / "pids" / f"rank{r}.node").read_text() for r in range(world)]
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         logger.close()
     ray.train.report({"done": 1, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmray.cluster import RayConfig
+from llmray.cluster import RayConfig, check_custom_resources
 from llmray.config import check
 from llmray.errors import UserError
 from llmray.train import checkpoint as ckpt
@@ -42,11 +42,15 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
     """torch intra-op threads per worker (OMP_NUM_THREADS); workers x threads <= cores avoids oversubscription."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests (Ray Train's resources_per_worker besides CPU/GPU), e.g.
+    {worker_node: 1} to place every worker on nodes started with that resource."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
         check(self.threads_per_worker >= 1, "scaling.threads_per_worker", "must be >= 1")
+        check_custom_resources(self.resources, "scaling.resources")
 
 
 @dataclass(frozen=True)
@@ -260,9 +264,10 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
 
 
 def worker_resources(sc: ScalingConfig) -> dict[str, float]:
-    """Ray Train's `resources_per_worker`: the worker's CPUs and one GPU with use_gpu (`llmray plan`
-    places these very bundles)."""
-    return {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {})}
+    """Ray Train's `resources_per_worker`: the worker's CPUs, one GPU with use_gpu, and the custom
+    resources of `scaling.resources` (which pin workers to the nodes that offer them); `llmray plan`
+    places these very bundles."""
+    return {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {}), **sc.resources}
 
 
 def _without_placement_group_cleaner(trainer_cls: type) -> type:
