@@ -52,6 +52,9 @@ class Progress:
     eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
     final_eval: dict = field(default_factory=dict)
     prompt_filter: dict = field(default_factory=dict)
+    prompts_consumed: int = 0
+    """The prompt cursor: prompts drawn so far in the seeded order (dynamic sampling draws more than
+    algo.prompts_per_step in a step); checkpointed, so a resumed run continues where it stopped."""
 
 
 def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None = None) -> dict:
@@ -133,7 +136,7 @@ def resume(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs:
         inputs.records = [inputs.records[i] for i in keep]
         inputs.prompt_ids = [inputs.prompt_ids[i] for i in keep]
     if latest is not None:
-        progress.step, progress.kl_ctl = checkpoint.restore(roles, latest)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = checkpoint.restore(roles, latest)
         log.info("resumed from %s at step %d", latest, progress.step)
         controller.push_weights()
 
@@ -147,17 +150,21 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
     from llmray.rl.worker_group import WorkerDiedError
 
     stream = PromptStream(len(inputs.records), cfg.seed)
-    n = cfg.algo.prompts_per_step
+
+    def draw(k: int) -> tuple[list[list[int]], list[str]]:
+        idx = stream.indices(progress.prompts_consumed, k)
+        progress.prompts_consumed += k
+        return [inputs.prompt_ids[i] for i in idx], [inputs.records[i]["answer"] for i in idx]
+
     with MetricsLogger(Path(cfg.run_dir) / "metrics.jsonl") as logger:
         if progress.step == 0:
             maybe_evaluate(cfg, roles, inputs, progress, logger, 0)
         while progress.step < cfg.steps:
-            idx = stream.indices(progress.step * n, n)
+            cursor = progress.prompts_consumed
             try:
-                metrics, seq_kl = controller.step(progress.step, [inputs.prompt_ids[i] for i in idx],
-                                                  [inputs.records[i]["answer"] for i in idx],
-                                                  progress.kl_ctl.value, inputs.ptx_ids)
+                metrics, seq_kl = controller.step(progress.step, draw, progress.kl_ctl.value, inputs.ptx_ids)
             except WorkerDiedError as e:
+                progress.prompts_consumed = cursor
                 if not recover(cfg, roles, controller, progress, e):
                     raise
                 continue
@@ -173,7 +180,7 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
                      metrics["rollout/logprob_gap"], metrics["rollout/response_length"], metrics["time/step_s"])
             if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps:
                 checkpoint.save(roles, step, {"algorithm": cfg.algo.algorithm, "kl": progress.kl_ctl.state_dict(),
-                                              "prompts_consumed": step * n})
+                                              "prompts_consumed": progress.prompts_consumed})
             maybe_evaluate(cfg, roles, inputs, progress, logger, step, final=step == cfg.steps)
 
 
@@ -190,9 +197,9 @@ def recover(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", progre
     roles.restart_trainers(f"{e.role} rank(s) {e.ranks} died at step {progress.step + 1}: {e}")
     latest = find_latest(checkpoint.root(roles))
     if latest is not None:
-        progress.step, progress.kl_ctl = checkpoint.restore(roles, latest)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = checkpoint.restore(roles, latest)
     else:
-        progress.step, progress.kl_ctl = 0, checkpoint.kl_controller(cfg.algo)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = 0, checkpoint.kl_controller(cfg.algo), 0
     controller.push_weights()
     log.warning("resumed from %s at step %d after a %s failure", latest or "the start", progress.step, e.role)
     return True

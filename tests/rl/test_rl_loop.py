@@ -133,12 +133,14 @@ def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: li
 
 
 def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
+    """GRPO as DAPO runs it (dynamic sampling, clip-higher), with a rollout engine and then the actor
+    killed: the run finishes, resumes the prompt cursor from the checkpoint, and the reward rises."""
     from llmray.stages.ppo import run
 
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8", "algo.n_samples=8",
                        # one minibatch of the whole batch: the fused path (pi_old from the update's own pass)
                        "algo.prompts_per_step=8", "algo.minibatch_size=64", "actor.optimizer.lr=1e-3",
-                       "algo.kl_coef=0.01",
+                       "algo.kl_coef=0.01", "algo.dynamic_sampling=true", "algo.clip_eps_high=0.28",
                        "checkpoint.every_n_steps=2", "eval_every=-1")
     run_dir = Path(cfg.run_dir)
     killed: list = []
@@ -170,6 +172,21 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     r0, r1 = _rise(rows, "rollout/reward_mean")
     print(f"grpo with kills: reward {r0:.3f}->{r1:.3f}; killed {killed}")
     _expect_rise("grpo reward with kills", r0, r1, 0.03)
+    _check_dynamic_sampling(run_dir, rows, back, resumed_from)
+
+
+def _check_dynamic_sampling(run_dir: Path, rows: list[dict], back: int, resumed_from: int) -> None:
+    """Every trained batch had 8 groups (informative ones first, dropped ones only as filler), and the
+    checkpointed prompt cursor counts every prompt drawn, refills included: the steps up to the
+    checkpoint the run went back to, then the steps after it."""
+    for r in rows:
+        assert r["dynamic_sampling/kept_groups"] + r["dynamic_sampling/filled_groups"] == 8, r
+        assert r["dynamic_sampling/prompts_drawn"] >= 8
+        assert r["dynamic_sampling/filled_groups"] == 0 or r["dynamic_sampling/rounds"] == 4
+    drawn = [r["dynamic_sampling/prompts_drawn"] for r in rows[:back] if r["step"] <= resumed_from]
+    drawn += [r["dynamic_sampling/prompts_drawn"] for r in rows[back:]]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "COMPLETE.json").read_text())
+    assert meta["prompts_consumed"] == sum(drawn) > 64
 
 
 def _check_prompt_filter(cfg, out: dict) -> None:
