@@ -52,6 +52,8 @@ class Progress:
     eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
     final_eval: dict = field(default_factory=dict)
     prompt_filter: dict = field(default_factory=dict)
+    monitors: Any = None
+    """llmray.rl.monitors.Monitors: length drift, reward gain per KL, reward-hacking warnings."""
     prompts_consumed: int = 0
     """The prompt cursor: prompts drawn so far in the seeded order (dynamic sampling draws more than
     algo.prompts_per_step in a step); checkpointed, so a resumed run continues where it stopped."""
@@ -70,6 +72,7 @@ def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None
     from llmray.rl.checkpoint import kl_controller
     from llmray.rl.controller import Controller
     from llmray.rl.groups import RoleGroups, validate_models
+    from llmray.rl.monitors import Monitors
 
     if cfg.save_model and artifacts.is_complete(cfg.output, "model") and not cfg.force:
         log.info("%s is a complete model artifact; skipping (force=true to rerun)", cfg.output)
@@ -83,7 +86,7 @@ def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None
     init_ray(cfg.ray)
     roles = RoleGroups(cfg, dirs)
     controller = Controller(cfg, roles, inputs.tokenizer.pad_token_id)
-    progress = Progress(step=0, kl_ctl=kl_controller(cfg.algo))
+    progress = Progress(step=0, kl_ctl=kl_controller(cfg.algo), monitors=Monitors())
     model_dir = None
     try:
         roles.start()
@@ -172,6 +175,7 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
             progress.step += 1
             step = progress.step
             metrics["faults/restarts"] = len(roles.restarts)
+            metrics.update(progress.monitors.on_step(step, metrics))
             logger.log(step, metrics)
             if on_step is not None:
                 on_step(roles, step, metrics)
@@ -219,6 +223,10 @@ def maybe_evaluate(cfg: RLConfig, roles: "RoleGroups", inputs: Inputs, progress:
                   cfg.eval_max_tokens, sampled_k=cfg.eval_sampled_k if final else 0)
     progress.eval_accuracy.append((at, ev["accuracy"]))
     sampled = {"eval/mean_at_k": ev["mean_at_k"]} if "mean_at_k" in ev else {}
+    warning = progress.monitors.on_eval(at, ev["accuracy"])
+    if warning:
+        log.warning("step %d: %s", at, warning)
+        sampled["monitor/hacking_warnings"] = len(progress.monitors.warnings)
     logger.log(at, {"eval/accuracy": ev["accuracy"], **sampled})
     log.info("step %d eval accuracy %.3f", at, ev["accuracy"])
     if final:
@@ -262,6 +270,7 @@ def result(cfg: RLConfig, roles: "RoleGroups", progress: Progress, inputs: Input
         "algorithm": cfg.algo.algorithm, "reward_first": reward_first, "reward_last": final.get("rollout/reward_mean"),
         "eval_accuracy": progress.eval_accuracy, "restarts": len(roles.restarts),
         "rollout_restarts": len(rollout_restarts), "trainer_restarts": progress.trainer_restarts,
+        "reward_hacking_warnings": list(progress.monitors.warnings),
         **task_scores(progress.final_eval, inputs.eval_records),
         **({f"prompt_filter_{k}": v for k, v in progress.prompt_filter.items()} if progress.prompt_filter else {}),
     }

@@ -102,10 +102,12 @@ def _check_five_roles(rows: list[dict], seen: dict) -> None:
     first, second = rows[0], rows[1]
     for key in ("rollout/reward_mean", "rollout/accuracy", "kl/seq_mean", "actor/policy_loss", "actor/clip_frac",
                 "actor/entropy", "critic/value_loss", "rollout/response_length", "rollout/logprob_gap",
-                "time/generation_s", "time/scoring_s", "time/training_s", "time/weight_sync_s"):
+                "time/generation_s", "time/scoring_s", "time/training_s", "time/weight_sync_s",
+                "monitor/length_drift", "monitor/reward_gain"):
         assert key in first, key
     assert first["rollout/logprob_gap"] < 1e-2 and second["rollout/logprob_gap"] < 1e-2  # fp32 vLLM vs fp32 actor
     assert abs(first["kl/seq_mean"]) < 1e-2 and second["kl/seq_mean"] != 0.0  # actor == ref until the first update
+    assert first["monitor/length_drift"] == 1.0 and first["monitor/reward_gain"] == 0.0  # the baseline itself
     assert first["actor/entropy"] > 0 and first["critic/value_loss"] > 0 and first["weight_sync/bytes"] > 0
     # ZeRO stage 0 (the actor's and critic's default): DeepSpeed records no norm there; ours does.
     assert first["actor/grad_norm"] > 0 and first["critic/grad_norm"] > 0
