@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # Which side each padded tensor is padded on when shards of different widths are joined.
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _TOKEN_FIELDS = ("response_ids", "response_mask", "rollout_logprobs", "logprobs", "ref_logprobs",
-                 "values", "token_rewards", "advantages", "returns")
+                 "values", "token_rewards", "advantages", "returns", "token_versions")
 _ROW_FIELDS = ("prompt_index", "scores", "correct")
 _LIST_FIELDS = ("answers", "texts", "finish_reasons")
 
@@ -53,6 +53,9 @@ class RLBatch:
     token_rewards: "torch.Tensor | None" = None
     advantages: "torch.Tensor | None" = None
     returns: "torch.Tensor | None" = None
+    token_versions: "torch.Tensor | None" = None
+    """(B, T) int64: the weight version (pushes into the engines so far) that generated each response
+    token; in async mode the trainer may be up to `rollout.max_staleness` versions ahead."""
 
     # ----- shape helpers
     def __len__(self) -> int:
@@ -156,9 +159,11 @@ class RLBatch:
         return [self.select(perm[i:i + size]) for i in range(0, len(self), size)]
 
     @staticmethod
-    def from_rollouts(rollouts: list[dict], answers: list[str], pad_id: int, prompt_offset: int = 0) -> "RLBatch":
+    def from_rollouts(rollouts: list[dict], answers: list[str], pad_id: int, prompt_offset: int = 0,
+                      version: int = 0) -> "RLBatch":
         """Build a batch from rollout records ({"prompt_index","prompt_ids","response_ids",
-        "logprobs","text","finish_reason"}); `answers[i]` is the gold answer of prompt i."""
+        "logprobs","text","finish_reason"}); `answers[i]` is the gold answer of prompt i; `version`
+        is the weight version the engines generated them with."""
         import torch
 
         B = len(rollouts)
@@ -190,4 +195,5 @@ class RLBatch:
             texts=[r.get("text", "") for r in rollouts],
             finish_reasons=[r.get("finish_reason") or "" for r in rollouts],
             rollout_logprobs=logprobs,
+            token_versions=torch.full((B, T), int(version), dtype=torch.long),
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from llmray.rl.algorithms import compute_advantages
 from llmray.rl.config import RLConfig
@@ -27,6 +27,7 @@ from llmray.rl.groups import phase_threads, thread_budget
 if TYPE_CHECKING:
     from llmray.rl.batch import RLBatch
     from llmray.rl.groups import RoleGroups
+    from llmray.rl.pipeline import Draw
 
 __all__ = ["Controller", "RLConfig"]
 
@@ -35,24 +36,31 @@ class Controller:
     """Steps of one run: generate, score, log-probs, values, advantages, update, push the weights."""
 
     def __init__(self, cfg: RLConfig, roles: "RoleGroups", pad_id: int):
-        self.cfg, self.roles, self.pad_id = cfg, roles, pad_id
+        from llmray.rl.pipeline import RolloutPipeline
 
-    def step(self, step: int, draw: Callable[[int], tuple[list[list[int]], list[str]]], kl_coef: float,
-             ptx_ids=None) -> tuple[dict, float]:
-        """One RL step; `draw(k)` hands out the next k prompts (token ids, gold answers) and advances
-        the run's prompt cursor. Returns (metrics, observed sequence KL)."""
+        self.cfg, self.roles, self.pad_id = cfg, roles, pad_id
+        self.pipeline = RolloutPipeline(roles, cfg, pad_id)
+
+    def sampling(self, step: int) -> dict:
+        """The rollout sampling settings of `step` (its seed depends on the step only)."""
+        r = self.cfg.rollout
+        return {"n": self.cfg.algo.n_samples, "temperature": r.temperature, "top_p": r.top_p,
+                "max_tokens": r.max_tokens, "seed": self.cfg.seed * 100003 + step}
+
+    def step(self, step: int, draw: "Draw", kl_coef: float, ptx_ids=None) -> tuple[dict, float]:
+        """One RL step; `draw(k)` hands out the next k prompts (`Prompts`) and advances the run's
+        prompt cursor. Returns (metrics, observed sequence KL)."""
         import torch
 
         c = self.cfg
         times: dict[str, float] = {}
         t = time.monotonic()
-        sampling = {"n": c.algo.n_samples, "temperature": c.rollout.temperature, "top_p": c.rollout.top_p,
-                    "max_tokens": c.rollout.max_tokens, "seed": c.seed * 100003 + step}
-        batch = self.rollouts(*draw(c.algo.prompts_per_step), sampling)
+        sampling = self.sampling(step)
+        batch, extra = self.pipeline.batch(step, draw, self.sampling)
         times["time/generation_s"] = time.monotonic() - t
-        extra: dict[str, float] = {}
         if c.algo.dynamic_sampling:
-            batch, extra = self.dynamic_sample(batch, draw, sampling, times)
+            batch, ds = self.dynamic_sample(batch, draw, sampling, times)
+            extra.update(ds)
         # On-policy single update (GRPO/RLOO with the KL as a loss term, one epoch, one minibatch):
         # the actor's pre-update log-probs come from the update's own forward pass instead.
         fused = self.fused_logprobs()
@@ -63,6 +71,7 @@ class Controller:
         t = time.monotonic()
         results = self.update(batch, step, kl_coef, ptx_ids, fused)
         times["time/training_s"] = time.monotonic() - t
+        times["time/rollout_wait_s"] = self.pipeline.before_push()  # async: the engines' next batches
         sync = self.push_weights()
         times["time/weight_sync_s"] = sync["weight_sync/sync_s"]
         metrics = self.metrics(batch, stats, results, fused, times, sync)
@@ -74,7 +83,7 @@ class Controller:
         from llmray.rl.batch import RLBatch
 
         return RLBatch.from_rollouts(self.roles.generate(prompt_ids, sampling), answers, pad_id=self.pad_id,
-                                     prompt_offset=offset)
+                                     prompt_offset=offset, version=self.pipeline.version)
 
     def dynamic_sample(self, batch: "RLBatch", draw, sampling: dict, times: dict) -> tuple["RLBatch", dict]:
         """DAPO dynamic sampling: keep the prompt groups whose rewards differ, draw and generate more
@@ -102,7 +111,8 @@ class Controller:
             rounds += 1
             k = refill_size(want - len(kept), len(kept), len(kept) + len(dropped), self.cfg.rollout.num_workers)
             t = time.monotonic()
-            batch = self.rollouts(*draw(k), {**sampling, "seed": sampling["seed"] + 7919 * rounds},
+            more = draw(k)
+            batch = self.rollouts(more.ids, more.answers, {**sampling, "seed": sampling["seed"] + 7919 * rounds},
                                   offset=drawn)
             times["time/generation_s"] += time.monotonic() - t
             drawn += k
@@ -195,11 +205,14 @@ class Controller:
         from llmray.rl.worker_group import WorkerDiedError
 
         g = self.roles.groups
+        self.pipeline.before_push()
         refs = [r for r in g["actor"].weight_refs(self.cfg.weight_sync.bucket_mb) if r is not None][0]
         attempt = 0
         while True:
             try:
-                return self.roles.sync.push(refs, g["rollout"])
+                out = self.roles.sync.push(refs, g["rollout"])
+                self.pipeline.pushed()
+                return out
             except (WeightSyncError, WorkerDiedError) as e:
                 dead = e.dead_ranks if isinstance(e, WeightSyncError) else e.ranks
                 if not dead or attempt >= self.cfg.rollout.max_restarts:

@@ -150,24 +150,24 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
     from llmray.report.metrics import MetricsLogger
     from llmray.rl import checkpoint
     from llmray.rl.data import PromptStream
+    from llmray.rl.pipeline import Prompts
     from llmray.rl.worker_group import WorkerDiedError
 
     stream = PromptStream(len(inputs.records), cfg.seed)
 
-    def draw(k: int) -> tuple[list[list[int]], list[str]]:
-        idx = stream.indices(progress.prompts_consumed, k)
+    def draw(k: int) -> Prompts:
+        start = progress.prompts_consumed
+        idx = stream.indices(start, k)
         progress.prompts_consumed += k
-        return [inputs.prompt_ids[i] for i in idx], [inputs.records[i]["answer"] for i in idx]
+        return Prompts([inputs.prompt_ids[i] for i in idx], [inputs.records[i]["answer"] for i in idx], start)
 
     with MetricsLogger(Path(cfg.run_dir) / "metrics.jsonl") as logger:
         if progress.step == 0:
             maybe_evaluate(cfg, roles, inputs, progress, logger, 0)
         while progress.step < cfg.steps:
-            cursor = progress.prompts_consumed
             try:
                 metrics, seq_kl = controller.step(progress.step, draw, progress.kl_ctl.value, inputs.ptx_ids)
             except WorkerDiedError as e:
-                progress.prompts_consumed = cursor
                 if not recover(cfg, roles, controller, progress, e):
                     raise
                 continue
@@ -184,8 +184,14 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
                      metrics["rollout/logprob_gap"], metrics["rollout/response_length"], metrics["time/step_s"])
             if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps:
                 checkpoint.save(roles, step, {"algorithm": cfg.algo.algorithm, "kl": progress.kl_ctl.state_dict(),
-                                              "prompts_consumed": progress.prompts_consumed})
+                                              "prompts_consumed": trained_cursor(progress, controller)})
             maybe_evaluate(cfg, roles, inputs, progress, logger, step, final=step == cfg.steps)
+
+
+def trained_cursor(progress: Progress, controller: "Controller") -> int:
+    """The prompt cursor of what has been trained on: drawn prompts minus those of batches still
+    buffered (async mode), which a resumed run draws again."""
+    return progress.prompts_consumed - controller.pipeline.untrained_prompts()
 
 
 def recover(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", progress: Progress,
@@ -199,6 +205,7 @@ def recover(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", progre
         return False
     progress.trainer_restarts += 1
     roles.restart_trainers(f"{e.role} rank(s) {e.ranks} died at step {progress.step + 1}: {e}")
+    controller.pipeline.reset()
     latest = find_latest(checkpoint.root(roles))
     if latest is not None:
         progress.step, progress.kl_ctl, progress.prompts_consumed = checkpoint.restore(roles, latest)
