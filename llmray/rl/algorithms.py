@@ -123,7 +123,7 @@ def compute_advantages(batch: "RLBatch", cfg: AlgoConfig, kl_coef: float) -> tup
                                           masked_mean, rloo_advantages, whiten)
     from llmray.rl.ppo.kl import kl_estimate
 
-    mask = batch.response_mask
+    mask = batch.train_mask
     scores = batch.scores.float()
     if batch.ref_logprobs is not None:
         kl = kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask

@@ -35,11 +35,11 @@ __all__ = ["Controller", "RLConfig"]
 class Controller:
     """Steps of one run: generate, score, log-probs, values, advantages, update, push the weights."""
 
-    def __init__(self, cfg: RLConfig, roles: "RoleGroups", pad_id: int):
+    def __init__(self, cfg: RLConfig, roles: "RoleGroups", pad_id: int, tokenizer=None):
         from llmray.rl.pipeline import RolloutPipeline
 
         self.cfg, self.roles, self.pad_id = cfg, roles, pad_id
-        self.pipeline = RolloutPipeline(roles, cfg, pad_id)
+        self.pipeline = RolloutPipeline(roles, cfg, pad_id, tokenizer)
 
     def sampling(self, step: int) -> dict:
         """The rollout sampling settings of `step` (its seed depends on the step only)."""
@@ -78,13 +78,6 @@ class Controller:
         metrics.update(extra)
         return metrics, float(torch.as_tensor(stats["kl/seq_mean"]))
 
-    def rollouts(self, prompt_ids: list[list[int]], answers: list[str], sampling: dict, offset: int = 0) -> "RLBatch":
-        """Generate `n_samples` responses per prompt into a batch (prompt-major groups)."""
-        from llmray.rl.batch import RLBatch
-
-        return RLBatch.from_rollouts(self.roles.generate(prompt_ids, sampling), answers, pad_id=self.pad_id,
-                                     prompt_offset=offset, version=self.pipeline.version)
-
     def dynamic_sample(self, batch: "RLBatch", draw, sampling: dict, times: dict) -> tuple["RLBatch", dict]:
         """DAPO dynamic sampling: keep the prompt groups whose rewards differ, draw and generate more
         prompts until `prompts_per_step` such groups are found or `max_sampling_rounds` run out; fill
@@ -111,9 +104,8 @@ class Controller:
             rounds += 1
             k = refill_size(want - len(kept), len(kept), len(kept) + len(dropped), self.cfg.rollout.num_workers)
             t = time.monotonic()
-            more = draw(k)
-            batch = self.rollouts(more.ids, more.answers, {**sampling, "seed": sampling["seed"] + 7919 * rounds},
-                                  offset=drawn)
+            batch = self.pipeline.play(draw(k), {**sampling, "seed": sampling["seed"] + 7919 * rounds},
+                                       self.pipeline.version, offset=drawn)
             times["time/generation_s"] += time.monotonic() - t
             drawn += k
         filled = max(0, want - len(kept))
@@ -226,7 +218,7 @@ class Controller:
         """The step's rollout, KL, actor, critic, time and weight-sync metrics."""
         from llmray.rl.ppo.advantages import masked_mean
 
-        mask = batch.response_mask
+        mask = batch.train_mask
         actor = _mean_dicts(results["actor"])
         # Fused: the update measured the gap on its own forward pass.
         gap = (actor["logprob_gap"] if fused

@@ -58,8 +58,8 @@ class Generation:
 
 
 class RolloutPipeline:
-    def __init__(self, roles: "RoleGroups", cfg: "RLConfig", pad_id: int):
-        self.roles, self.cfg, self.pad_id = roles, cfg, pad_id
+    def __init__(self, roles: "RoleGroups", cfg: "RLConfig", pad_id: int, tokenizer=None):
+        self.roles, self.cfg, self.pad_id, self.tokenizer = roles, cfg, pad_id, tokenizer
         self.version = 0
         """Weight pushes into the engines so far (0: the starting policy)."""
         self.queue: deque[Generation] = deque()
@@ -115,24 +115,45 @@ class RolloutPipeline:
         self.queue.append(gen)
 
     def _collect(self, gen: Generation) -> None:
-        """The generation's batch: its pending result, or (sync, or after a dead engine) generated now
-        through `RoleGroups.generate`, which restarts a dead engine and re-syncs its weights."""
-        from llmray.rl.batch import RLBatch
+        """The generation's batch: its pending first turn (async), or generated now; a dead engine is
+        restarted and re-synced (`RoleGroups.generate`) and the generation redone with the weights
+        pushed last."""
         from llmray.rl.worker_group import WorkerDiedError
 
         if gen.batch is not None:
             return
-        rollouts = None
+        first = None
         if gen.pending is not None:
             try:
-                rollouts = gen.pending.result()
+                first = gen.pending.result()
             except WorkerDiedError as e:
                 group = self.roles.groups["rollout"]
                 for rank in e.ranks:
                     group.restart(rank, cause=f"died while generating step {gen.step}: {e}")
                 self.roles.on_rollout_restart(group, list(e.ranks))
-                gen.version = self.version  # regenerated below with the weights pushed last
+                gen.version = self.version
             gen.pending = None
-        if rollouts is None:
-            rollouts = self.roles.generate(gen.prompts.ids, gen.sampling)
-        gen.batch = RLBatch.from_rollouts(rollouts, gen.prompts.answers, pad_id=self.pad_id, version=gen.version)
+        gen.batch = self.play(gen.prompts, gen.sampling, gen.version, first=first)
+
+    def play(self, prompts: Prompts, sampling: dict, version: int, first: list | None = None,
+             offset: int = 0) -> "RLBatch":
+        """Episodes over `prompts` (`llmray.rl.episodes`; one turn unless `rollout.max_turns` > 1) as a
+        batch. `first`: the first turn's rollouts when they were generated already (async). Tokens of
+        the first turn carry `version`; later turns are generated now, with the current weights."""
+        from llmray.rl.batch import RLBatch
+        from llmray.rl.env import make_env
+        from llmray.rl.episodes import run_episodes
+
+        r = self.cfg.rollout
+        first_turn = [first]
+
+        def generate(ids: list[list[int]], s: dict) -> list[dict]:
+            got, first_turn[0] = first_turn[0], None
+            return got if got is not None else self.roles.generate(ids, s)
+
+        versions = iter([version])
+        envs = [lambda a=a: make_env({"answer": a}, tools=r.env == "calculator") for a in prompts.answers]
+        rollouts = run_episodes(generate, envs, prompts.ids, sampling, r.max_turns, self.tokenizer,
+                                r.max_model_len, version=lambda: next(versions, self.version))
+        return RLBatch.from_rollouts(rollouts, prompts.answers, pad_id=self.pad_id, prompt_offset=offset,
+                                     version=version)

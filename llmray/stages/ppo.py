@@ -85,7 +85,7 @@ def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None
 
     init_ray(cfg.ray)
     roles = RoleGroups(cfg, dirs)
-    controller = Controller(cfg, roles, inputs.tokenizer.pad_token_id)
+    controller = Controller(cfg, roles, inputs.tokenizer.pad_token_id, inputs.tokenizer)
     progress = Progress(step=0, kl_ctl=kl_controller(cfg.algo), monitors=Monitors())
     model_dir = None
     try:
@@ -121,8 +121,19 @@ def load_inputs(cfg: RLConfig, actor_dir: str) -> Inputs:
     ptx_ids = None
     if cfg.algo.ptx_coef > 0:
         ptx_ids = data.read_ptx(data.resolve_split(cfg.ptx_data, "sft"), tokenizer, limit)
-    return Inputs(tokenizer, records, data.tokenize_prompts(records, tokenizer, limit), eval_records,
-                  data.tokenize_prompts(eval_records, tokenizer, limit) if eval_records else [], ptx_ids)
+    return Inputs(tokenizer, records, data.tokenize_prompts(episode_starts(cfg, records), tokenizer, limit),
+                  eval_records,
+                  data.tokenize_prompts(episode_starts(cfg, eval_records), tokenizer, limit) if eval_records else [],
+                  ptx_ids)
+
+
+def episode_starts(cfg: RLConfig, records: list[dict]) -> list[dict]:
+    """The records with the prompt each episode starts from (`Env.reset`: a tool description first
+    when the environment offers tools)."""
+    from llmray.rl.env import make_env
+
+    tools = cfg.rollout.env == "calculator"
+    return [{**r, "prompt": make_env(r, tools=tools).reset(r["prompt"])} for r in records]
 
 
 def resume(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: Inputs, progress: Progress) -> None:

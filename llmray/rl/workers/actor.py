@@ -99,7 +99,7 @@ class ActorWorker:
             micro = [(k, m) for k, mbatch in enumerate(minibatches) for m in mbatch.chunks(self.micro_batch_size)]
             for k, mb in micro:
                 lp, ent = response_logprobs(self.engine.module, mb, with_entropy=True, temperature=u.temperature)
-                mask = mb.response_mask
+                mask = mb.train_mask
                 if u.on_policy:
                     mb = mb.replace(logprobs=lp.detach())
                     if mb.rollout_logprobs is not None:
