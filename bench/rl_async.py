@@ -25,8 +25,8 @@ PHASES = ("generation", "scoring", "training", "rollout_wait", "weight_sync")
 
 def build_policy(work: Path) -> tuple[Path, Path]:
     """Tokenizer, tiny model, short SFT (the RL tests' setup), and 32 fixed task prompts."""
-    sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT / "tests" / "rl"))
+    sys.path.insert(0, str(ROOT / "tests"))  # first: its conftest has sample_texts
     from conftest import sample_texts
     from sft_setup import quick_sft
 
