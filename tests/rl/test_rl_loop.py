@@ -218,3 +218,39 @@ def _check_resume(cfg) -> None:
     assert out["steps"] == 9
     assert filt.stat().st_mtime_ns == mtime and out["prompt_filter_kept"] == 8  # reused, not re-sampled
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, 10))  # steps 1-8 were not redone
+
+
+def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompts, tmp_path):
+    """Every role survives a kill (the rollout engine and the actor: the GRPO test above; a rollout
+    engine during a weight push: tests/rl_infra). The stateless ref and reward are restarted and their
+    call retried; the critic takes both training groups back to the last checkpoint, optimizer states
+    restored. The restarts are counted in the metrics and the result."""
+    from llmray.stages.ppo import run
+
+    cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=ppo", "steps=5",
+                       "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1")
+    run_dir = Path(cfg.run_dir)
+    killed: list = []
+    stop = threading.Event()
+
+    def chaos():
+        _kill_when(run_dir, "ref", 1, False, killed, stop)
+        _kill_when(run_dir, "reward", 2, False, killed, stop)
+        _kill_when(run_dir, "critic", 3, True, killed, stop)
+
+    t = threading.Thread(target=chaos, daemon=True)
+    t.start()
+    try:
+        out = run(cfg)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert [k[0] for k in killed] == ["ref", "reward", "critic"]
+    assert out["steps"] == 5 and out["trainer_restarts"] == 1 and out["restarts"] >= 3
+    restarts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert {r["role"] for r in restarts} >= {"ref", "reward", "actor+critic"}
+    rows = _rows(run_dir)
+    assert rows[-1]["step"] == 5 and rows[-1]["faults/restarts"] >= 3
+    steps = [r["step"] for r in rows]
+    back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[back] - 1 in (2, 4) and steps[back:] == list(range(steps[back], 6))  # resumed from a checkpoint
