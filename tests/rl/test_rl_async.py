@@ -102,3 +102,22 @@ def test_driver_killed_in_async_mode_resumes_each_prompt_exactly_once(rl_sft_mod
     redone = [r["step"] for r in rows[len(rows) - (6 - latest):]]
     assert redone == list(range(latest + 1, 7))  # the second run went on from the checkpoint
     print(f"killed after step {killed_at}; resumed from step {latest}")
+
+
+def test_grpo_with_the_calculator_tool_runs_episodes_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
+    """The calculator environment end to end on the real engine: every prompt carries the tool
+    description, episodes run up to 3 turns, tool outputs (if the policy calls the tool) are masked,
+    and GRPO raises the reward."""
+    from llmray.stages.ppo import run
+
+    cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8",
+                       "algo.n_samples=8", "algo.prompts_per_step=8", "algo.minibatch_size=64",
+                       "actor.optimizer.lr=1e-3", "algo.kl_coef=0.01", "eval_every=-1", "rollout.env=calculator",
+                       "rollout.max_turns=3", "rollout.max_model_len=512", "rollout.max_tokens=24")
+    out = run(cfg)
+    rows = _rows(Path(cfg.run_dir))
+    assert out["steps"] == 8 and len(rows) == 8
+    vals = [r["rollout/reward_mean"] for r in rows]
+    r0, r1 = sum(vals[:3]) / 3, sum(vals[-3:]) / 3
+    print(f"grpo with tools: reward {r0:.3f}->{r1:.3f}")
+    assert r1 > r0 + 0.03, f"grpo reward with the calculator environment did not rise: {r0:.3f} -> {r1:.3f}"
