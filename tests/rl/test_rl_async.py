@@ -33,18 +33,20 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_async_grpo_trains_on_batches_one_version_old_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
     from llmray.stages.ppo import run
 
-    cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, *ASYNC, "steps=8", "rollout.max_staleness=1")
+    cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, *ASYNC, "steps=12", "rollout.max_staleness=1")
     out = run(cfg)
     rows = _rows(Path(cfg.run_dir))
-    assert out["steps"] == 8 and [r["step"] for r in rows] == list(range(1, 9))
+    assert out["steps"] == 12 and [r["step"] for r in rows] == list(range(1, 13))
     # Step 1 trains on the starting policy's batch; every later batch was generated one version back,
     # while the previous step trained.
-    assert [r["rollout/staleness"] for r in rows] == [0.0] + [1.0] * 7
-    assert [r["prompts/start"] for r in rows] == [8.0 * i for i in range(8)]
+    assert [r["rollout/staleness"] for r in rows] == [0.0] + [1.0] * 11
+    assert [r["prompts/start"] for r in rows] == [8.0 * i for i in range(12)]
     # The stale samples are corrected by truncated importance weights (cap 2), never uncorrected.
     assert all(0.3 < r["actor/tis_weight_mean"] <= 2.0 for r in rows), [r["actor/tis_weight_mean"] for r in rows]
+    # Four-step means: at lr 1e-3 the reward of this tiny policy dips for a few steps in both modes
+    # before it climbs (sync too), and each step's mean over 64 samples moves by ~0.05.
     vals = [r["rollout/reward_mean"] for r in rows]
-    r0, r1 = sum(vals[:3]) / 3, sum(vals[-3:]) / 3
+    r0, r1 = sum(vals[:4]) / 4, sum(vals[-4:]) / 4
     print(f"async grpo: reward {r0:.3f}->{r1:.3f}; generation wait per step "
           f"{[round(r['time/generation_s'], 2) for r in rows]}")
     assert r1 > r0 + 0.03, f"async grpo reward did not rise: {r0:.3f} -> {r1:.3f}"
