@@ -98,9 +98,23 @@ class RolloutConfig:
     call_timeout_s: float = 600.0
     max_restarts: int = 3
     """Restarts of a dead rollout engine per call before the run fails."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, then train, step after step. async: the engines generate the next
+    `max_staleness` steps' batches while the actor trains (llmray/rl/pipeline.py); needs algo.tis_cap."""
+    max_staleness: int = 1
+    """Async: a batch is trained at most this many weight versions after the version that generated it."""
+    env: Literal["task", "calculator"] = "task"
+    """The environment of each episode (llmray/rl/env.py): `task` answers the prompt in one turn;
+    `calculator` offers a calculator tool (hermes tool calls) whose results join the context."""
+    max_turns: int = 1
+    """Model turns per episode (tool calls need >= 2: one to call, one to answer)."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        check(self.max_staleness >= 1, "rollout.max_staleness", f"must be >= 1, got {self.max_staleness}")
+        check(self.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {self.max_turns}")
+        check(self.env != "calculator" or self.max_turns >= 2, "rollout.max_turns",
+              f"rollout.env calculator needs >= 2 turns (call the tool, then answer), got {self.max_turns}")
         check(self.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
         check(self.temperature > 0, "rollout.temperature", "must be > 0 (RL samples; greedy gives no exploration)")
 
@@ -233,3 +247,14 @@ class RLConfig:
         check(self.algo.ptx_coef == 0 or self.ptx_data is not None, "ptx_data", "required when algo.ptx_coef > 0")
         check(self.eval_every >= -1, "eval_every", "must be >= -1")
         check(self.eval_sampled_k >= 0, "eval_sampled_k", f"must be >= 0 (0 = off), got {self.eval_sampled_k}")
+        if self.rollout.max_turns > 1:
+            check(not self.algo.uses_critic, "rollout.max_turns",
+                  "multi-turn episodes train with sequence-level advantages (algo.algorithm grpo or rloo); "
+                  "PPO's per-token GAE would restart at every masked tool output")
+        if self.rollout.mode == "async":
+            check(self.algo.tis_cap is not None, "algo.tis_cap",
+                  "rollout.mode: async trains on samples up to rollout.max_staleness weight versions old; the "
+                  "ratio's denominator must be the actor's recomputed log-probs with the engine's behaviour "
+                  "log-probs corrected by truncated importance weights: set algo.tis_cap (e.g. 2.0)")
+            check(not self.algo.dynamic_sampling, "algo.dynamic_sampling",
+                  "is not supported with rollout.mode: async (refills would be generated synchronously)")

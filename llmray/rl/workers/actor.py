@@ -23,6 +23,11 @@ class PolicyUpdate:
     minibatch_size: int = 8
     """Rows per optimizer step on each actor rank (DeepSpeed micro-batches of it are accumulated)."""
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    ratio_level: str = "token"
+    loss_agg: str = "token_mean"
+    norm_len: int | None = None
+    """Response cap for loss_agg seq_mean_token_sum_norm (rollout.max_tokens)."""
     entropy_coef: float = 0.0
     kl_loss_coef: float = 0.0
     """GRPO's KL-to-ref as a loss term (k3), when the KL is not in the reward."""
@@ -97,7 +102,7 @@ class ActorWorker:
             micro = [(k, m) for k, mbatch in enumerate(minibatches) for m in mbatch.chunks(self.micro_batch_size)]
             for k, mb in micro:
                 lp, ent = response_logprobs(self.engine.module, mb, with_entropy=True, temperature=u.temperature)
-                mask = mb.response_mask
+                mask = mb.train_mask
                 if u.on_policy:
                     mb = mb.replace(logprobs=lp.detach())
                     if mb.rollout_logprobs is not None:
@@ -106,7 +111,9 @@ class ActorWorker:
                 weights = None
                 if u.tis_cap is not None and mb.rollout_logprobs is not None:
                     weights = tis_weights(mb.logprobs, mb.rollout_logprobs, u.tis_cap)
-                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights)
+                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights,
+                                          clip_eps_high=u.clip_eps_high, ratio_level=u.ratio_level,
+                                          loss_agg=u.loss_agg, norm_len=u.norm_len)
                 entropy = masked_mean(ent, mask)
                 loss = pg_loss - u.entropy_coef * entropy
                 kl_loss = torch.zeros(())

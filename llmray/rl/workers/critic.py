@@ -60,7 +60,7 @@ class CriticWorker:
             minibatches = batch.minibatches(minibatch_size, seed=seed * 1000 + epoch * 17 + rank)
             for mb in [m for mbatch in minibatches for m in mbatch.chunks(self.micro_batch_size)]:
                 v = response_values(self.engine.module, mb)
-                loss, st = value_loss(v, mb.values, mb.returns, mb.response_mask, clip_range)
+                loss, st = value_loss(v, mb.values, mb.returns, mb.train_mask, clip_range)
                 self.engine.backward(loss)
                 gn = optimizer_step(self.engine)
                 if gn is not None:

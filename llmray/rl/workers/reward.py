@@ -1,7 +1,8 @@
 """Reward role: a learned reward model, the rule-based task reward, or both combined.
 
-The rule reward is `llmray.data.tasks.reward(answer, response)` (1 right, 0.1 well-formed but
-wrong, 0 otherwise). The learned one is a `LlamaForSequenceClassification(num_labels=1)` dir,
+The rule reward is the episode's environment reward (`llmray.rl.env`; for the task environment
+`llmray.data.tasks.reward(answer, response)`: 1 right, 0.1 well-formed but wrong, 0 otherwise).
+The learned one is a `LlamaForSequenceClassification(num_labels=1)` dir,
 scored at the last real token of prompt + response.
 """
 
@@ -38,7 +39,9 @@ class RewardWorker:
 
         total = torch.zeros(len(batch))
         if self.kind in ("rule", "both"):
-            rule = torch.tensor([reward(a, t) for a, t in zip(batch.answers, batch.texts)])
+            # The environment's reward when the rollouts ran episodes (llmray.rl.env), else the task rule.
+            rule = (batch.env_rewards if batch.env_rewards is not None
+                    else torch.tensor([reward(a, t) for a, t in zip(batch.answers, batch.texts)]))
             total += self.rule_weight * rule
         if self.model is not None:
             total += self.model_weight * self._model_scores(batch)
