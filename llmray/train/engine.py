@@ -66,8 +66,17 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        if shm_collectives and backend == "gloo":  # the host check below needs a process group
-            dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if backend == "nccl":
+            # NCCL binds to the device this worker computes on (llmray.device), not to cuda:LOCAL_RANK as
+            # DeepSpeed's own init would: an RL actor sees only the GPU Ray gave it, as cuda:0.
+            from llmray.device import worker_device
+
+            device = worker_device()
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", rank=rank, world_size=world, **({"device_id": device} if world > 1 else {}))
+        elif shm_collectives:  # the host check below needs a process group
+            dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
 
     t0 = time.monotonic()
@@ -118,17 +127,31 @@ def build_deepspeed_engine(
         model.config.use_cache = False
     config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active())
     t0 = time.monotonic()
+    args = _device_args()
     if opt is None:
         config.pop("gradient_clipping", None)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = deepspeed.initialize(args=args, model=model, config=config)
         engine.eval()
     else:
         optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, total_steps))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=config)
     log.info("deepspeed engine ready (ZeRO-%d, %s, world %d) in %.1fs", ds.zero_stage, ds.precision, world,
              time.monotonic() - t0)
     return engine
+
+
+def _device_args():
+    """`deepspeed.initialize(args=...)` that makes the engine (and the model it moves) use the device this
+    worker computes on. Without it DeepSpeed takes cuda:LOCAL_RANK, and LOCAL_RANK is the rank among the
+    node's workers, not an index into the GPUs Ray made visible to this process. None on the CPU."""
+    from types import SimpleNamespace
+
+    from llmray.device import worker_device
+
+    device = worker_device()
+    return SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
 
 
 def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None, rank0_only: bool = False,

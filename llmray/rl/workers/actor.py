@@ -25,6 +25,11 @@ class PolicyUpdate:
     minibatch_size: int = 8
     """Rows per optimizer step on each actor rank (DeepSpeed micro-batches of it are accumulated)."""
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    ratio_level: str = "token"
+    loss_agg: str = "token_mean"
+    norm_len: int | None = None
+    """Response cap for loss_agg seq_mean_token_sum_norm (rollout.max_tokens)."""
     entropy_coef: float = 0.0
     kl_loss_coef: float = 0.0
     """GRPO's KL-to-ref as a loss term (k3), when the KL is not in the reward."""
@@ -54,6 +59,7 @@ class ActorWorker:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         opt = build(OptimizerConfig, optimizer, "actor.optimizer")
         self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
+        self.device = self.engine.device  # the role's GPU (llmray.device), or the CPU
         self.micro_batch_size = ds.micro_batch_size
         self.temperature = temperature
         self.model_dir = model_dir
@@ -67,9 +73,10 @@ class ActorWorker:
 
         self.engine.module.eval()
         with torch.no_grad():
-                parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
-                     for mb in batch.chunks(self.micro_batch_size)]
-        return batch.replace(logprobs=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+            parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
+                     for mb in batch.to(self.device).chunks(self.micro_batch_size)]
+        # Results go back on the CPU: the batch crosses processes.
+        return batch.replace(logprobs=torch.cat(parts, 0).cpu() if parts else torch.zeros_like(batch.response_mask))
 
     @register("split")
     def update(self, batch: RLBatch, spec: dict, ptx_ids=None) -> dict:
@@ -86,6 +93,7 @@ class ActorWorker:
         if batch.advantages is None or (batch.logprobs is None and not u.on_policy):
             raise ValueError("actor.update needs advantages and logprobs in the batch")
         start = time.monotonic()
+        batch = batch.to(self.device)
         self.engine.module.train()
         sums: dict[str, float] = {}
         norms: list[float] = []
@@ -96,7 +104,7 @@ class ActorWorker:
             micro = [(k, m) for k, mbatch in enumerate(minibatches) for m in mbatch.chunks(self.micro_batch_size)]
             for k, mb in micro:
                 lp, ent = response_logprobs(self.engine.module, mb, with_entropy=True, temperature=u.temperature)
-                mask = mb.response_mask
+                mask = mb.train_mask
                 if u.on_policy:
                     mb = mb.replace(logprobs=lp.detach())
                     if mb.rollout_logprobs is not None:
@@ -105,7 +113,9 @@ class ActorWorker:
                 weights = None
                 if u.tis_cap is not None and mb.rollout_logprobs is not None:
                     weights = tis_weights(mb.logprobs, mb.rollout_logprobs, u.tis_cap)
-                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights)
+                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights,
+                                          clip_eps_high=u.clip_eps_high, ratio_level=u.ratio_level,
+                                          loss_agg=u.loss_agg, norm_len=u.norm_len)
                 entropy = masked_mean(ent, mask)
                 loss = pg_loss - u.entropy_coef * entropy
                 kl_loss = torch.zeros(())
@@ -139,7 +149,7 @@ class ActorWorker:
 
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(ptx_ids.size(0), generator=g)[: self.micro_batch_size]
-        ids = ptx_ids[idx]
+        ids = ptx_ids[idx].to(self.device)
         pad = self.engine.module.config.pad_token_id
         labels = ids.masked_fill(ids == pad, -100)
         out = self.engine.module(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels, use_cache=False)
@@ -276,7 +286,7 @@ class ActorWorker:
         out = []
         with torch.no_grad():
             for p in prompt_ids:
-                ids = m.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
+                ids = m.generate(torch.tensor([p], device=self.device), max_new_tokens=max_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=m.config.pad_token_id)
                 out.append(ids[0, len(p):].tolist())
         return out
