@@ -3,7 +3,6 @@ and every stage config it would run loads with llmray's config loader (`--dry-ru
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -30,17 +29,10 @@ def test_script_parses_and_refuses_unknown_arguments():
 
 
 def test_dry_run_loads_every_stage_config_it_runs():
-    from llmray.rl.config import WeightSyncConfig
-
     r = run("--dry-run")
     lines = [line for line in r.stdout.splitlines() if line.startswith("config ")]
     assert [line.split()[2] for line in lines] == ["pipeline", "pretrain", "ppo", "serve"], r.stdout + r.stderr
-    if "transport" in {f.name for f in dataclasses.fields(WeightSyncConfig)}:
-        assert r.returncode == 0 and all(line.startswith("config OK") for line in lines), r.stdout
-    else:  # the GRPO check asks for weight_sync.transport=collective, which this checkout lacks
-        assert r.returncode == 1
-        assert [line.split()[2] for line in lines if line.startswith("config FAIL")] == ["ppo"]
-        assert "weight_sync.transport" in r.stdout
+    assert r.returncode == 0 and all(line.startswith("config OK") for line in lines), r.stdout
     # The CPU variant with the config's default transport loads everywhere.
     cpu = run("--dry-run", "--cpu", TRANSPORT="")
     assert cpu.returncode == 0 and cpu.stdout.count("config OK") == 4, cpu.stdout + cpu.stderr
