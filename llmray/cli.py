@@ -1,4 +1,5 @@
-"""`llmray ls` and `llmray <stage> --config X.yaml [key.sub=value ...]`: the command line.
+"""`llmray ls`, `llmray <stage> --config X.yaml [key.sub=value ...]` and `llmray plan --config X.yaml`
+(a dry run: llmray/plan): the command line.
 
 User errors (bad config, missing input) print one line and exit 2, with no traceback.
 """
@@ -25,9 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmray",
         description="The whole life of a language model on Ray.",
-        epilog="stages: " + ", ".join(stages.STAGES) + ".  `llmray ls` lists them with their configs.",
+        epilog="stages: " + ", ".join(stages.STAGES) + ".  `llmray ls` lists them with their configs; "
+               "`llmray plan --config X.yaml [--cluster 2x8xH100-80GB]` prints what a config would place and run.",
     )
-    p.add_argument("stage", help="a stage name, or `ls`")
+    p.add_argument("stage", help="a stage name, `ls`, or `plan`")
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--log-level", default="INFO")
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("ls", "list"):
         print(list_stages())
         return 0
+    if args.stage == "plan":
+        return plan_main(args, unknown)
     try:
         overrides = list(args.overrides) + _flags_to_overrides(unknown)
         result = run_stage(args.stage, args.config, overrides)
@@ -82,6 +86,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmray {args.stage}: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+PLAN_FLAGS = {"cluster": "local (default: this machine), a spec such as 2x8xH100-80GB, or a YAML file",
+              "stage": "the stage, when the config is not under jobs/configs/<stage>/",
+              "model-preset": "a model preset (tiny, small, base, 1b, 7b) for the memory estimate when the "
+                              "config's model directory does not exist yet",
+              "json": "print the plan as JSON"}
+
+
+def plan_main(args: argparse.Namespace, unknown: list[str]) -> int:
+    """`llmray plan --config X [--cluster SPEC] [--stage S] [--model-preset P] [--json] [key=value ...]`."""
+    from llmray.plan import make_plan, render, to_json
+
+    p = argparse.ArgumentParser(prog="llmray plan")
+    for flag, text in PLAN_FLAGS.items():
+        p.add_argument(f"--{flag}", help=text, **({"action": "store_true"} if flag == "json" else {}))
+    opts, rest = p.parse_known_args(unknown)
+    try:
+        plan = make_plan(args.config, opts.stage, opts.cluster, list(args.overrides) + _flags_to_overrides(rest),
+                         opts.model_preset)
+    except UserError as e:
+        print(f"llmray plan: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(json.dumps(to_json(plan), indent=2, default=str) if opts.json else render(plan))
     return 0
 
 

@@ -202,6 +202,23 @@ def wait_reachable(address: str, timeout_s: float) -> None:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: dict[str, float], key: str) -> None:
+    """A role's or train worker's custom Ray resources (e.g. {"node_b": 1} to pin it to the node that
+    offers `node_b`): names non-empty, not CPU/GPU/memory (those have their own keys), amounts > 0.
+    Raises ConfigError naming `key`."""
+    from llmray.config import check
+
+    check(isinstance(resources, dict), key, f"must be a mapping of resource name to amount, got {resources!r}")
+    for name, amount in resources.items():
+        check(isinstance(name, str) and name.strip() != "", key, f"resource names must be non-empty, got {name!r}")
+        check(name not in RESERVED_RESOURCES, f"{key}.{name}",
+              "set CPUs/GPUs with cpus_per_worker/gpus_per_worker (or use_gpu); resources holds custom ones")
+        check(isinstance(amount, (int, float)) and amount > 0, f"{key}.{name}", f"must be > 0, got {amount!r}")
+
+
 def shutdown_ray() -> None:
     import ray
 

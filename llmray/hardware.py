@@ -29,13 +29,14 @@ def has_cuda() -> bool:
         return False
 
 
-def engine_dtype(requested: str, model_dir: str | Path | None = None) -> str:
+def engine_dtype(requested: str, model_dir: str | Path | None = None, gpu: bool | None = None) -> str:
     """`requested` unless it is `auto`; then the quantized checkpoint's own choice (`auto` for vLLM),
-    bf16 on a GPU or a bf16-capable CPU, else fp32."""
+    bf16 on a GPU or a bf16-capable CPU, else fp32. `gpu`: whether the engine runs on a GPU (None: this
+    machine has CUDA; `llmray plan` passes what the described cluster has)."""
     if requested != "auto":
         return requested
     if model_dir is not None:
         cfg = Path(model_dir) / "config.json"
         if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
             return "auto"
-    return "bfloat16" if has_cuda() or cpu_has_native_bf16() else "float32"
+    return "bfloat16" if (has_cuda() if gpu is None else gpu) or cpu_has_native_bf16() else "float32"

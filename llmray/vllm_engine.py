@@ -65,13 +65,16 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
     return env
 
 
-def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None) -> dict[str, Any]:
-    """Keyword arguments of vLLM's `AsyncEngineArgs` / `LLM` for this config."""
+def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None, gpu: bool | None = None,
+                  check_files: bool = True) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `AsyncEngineArgs` / `LLM` for this config. `gpu` and `check_files`
+    serve `llmray plan`: the described cluster's hardware, and no look at model directories that a
+    dry run may not have yet."""
     kw: dict[str, Any] = dict(
         model=str(model),
         tokenizer=str(model),
         served_model_name=served_name,
-        dtype=engine_dtype(cfg.dtype, model),
+        dtype=engine_dtype(cfg.dtype, model, gpu),
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         enforce_eager=cfg.enforce_eager,
@@ -86,7 +89,7 @@ def engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None)
         kw["quantization"] = cfg.quantization
     spec = to_vllm(cfg.speculative)
     if spec is not None:
-        if cfg.speculative.method == "draft":
+        if cfg.speculative.method == "draft" and check_files:
             check_model_dir(str(cfg.speculative.draft_model), "speculative.draft_model")
             check_draft_tokenizer(model, str(cfg.speculative.draft_model))
         kw["speculative_config"] = spec
@@ -100,15 +103,28 @@ def apply_engine_env(cfg: EngineConfig) -> None:
         os.environ.setdefault(k, v)
 
 
+def llm_kwargs(model: str, cfg: EngineConfig, gpu: bool | None = None, check_files: bool = True,
+               **kwargs) -> dict[str, Any]:
+    """What `build_llm` passes to `vllm.LLM`: `engine_kwargs` plus `kwargs`."""
+    kw = engine_kwargs(model, cfg, gpu=gpu, check_files=check_files)
+    kw.pop("served_model_name", None)
+    return {**kw, **kwargs}
+
+
+def async_engine_kwargs(model: str, cfg: EngineConfig, served_name: str | None = None, gpu: bool | None = None,
+                        check_files: bool = True, **overrides) -> dict[str, Any]:
+    """What `build_engine` passes to vLLM's `AsyncEngineArgs`."""
+    return {**engine_kwargs(model, cfg, served_name, gpu=gpu, check_files=check_files), **overrides,
+            "disable_log_stats": False}
+
+
 def build_llm(model: str, cfg: EngineConfig, **kwargs) -> "LLM":
     """An offline `vllm.LLM` in this process (the RL rollout engine, offline variants). `kwargs` are
     added to the engine arguments (e.g. `worker_extension_cls`, `logprobs_mode`)."""
     apply_engine_env(cfg)
     from vllm import LLM
 
-    kw = engine_kwargs(model, cfg)
-    kw.pop("served_model_name", None)
-    return LLM(**kw, **kwargs)
+    return LLM(**llm_kwargs(model, cfg, **kwargs))
 
 
 def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, stat_loggers=None,
@@ -119,5 +135,5 @@ def build_engine(model: str, cfg: EngineConfig, served_name: str | None = None, 
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(**{**engine_kwargs(model, cfg, served_name), **overrides}, disable_log_stats=False)
+    args = AsyncEngineArgs(**async_engine_kwargs(model, cfg, served_name, **overrides))
     return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)

@@ -24,7 +24,7 @@ KEY_NUMBERS = ("documents", "documents_in", "documents_out", "duplicates_removed
                "tokens_per_s", "accuracy", "eval_accuracy", "heldout_accuracy", "heldout_ppl",
                "task_accuracy", "sampled_accuracy", "task_mean_reward", "mean_reward", "perplexity_increase",
                "size_ratio", "latency_p50_s", "elapsed_s", "prompt_filter_kept", "prompt_filter_pool",
-               "eval/accuracy")
+               "eval/accuracy", "restarts", "rollout_restarts", "trainer_restarts")
 
 
 def _metric_files(stage_dir: Path) -> list[Path]:
@@ -102,6 +102,9 @@ def write_report(paths, results: dict) -> Path:
                       f"| {r.get('sampled_accuracy', '—')} "
                       f"| {r.get('sampled_pass_at_k', '—')} | {r.get('task_mean_reward', '—')} |")
         md.append("")
+    warnings = [(s, w) for s, r in stages.items() for w in r.get("reward_hacking_warnings", []) or []]
+    if warnings:
+        md += ["## Monitor warnings", ""] + [f"- {s}: {w}" for s, w in warnings] + [""]
     dropped = _flatten(results.get("clean-dedup", {}))
     drop_rows = [(k, v) for k, v in dropped.items() if "drop" in k.lower() and isinstance(v, (int, float))]
     if drop_rows:

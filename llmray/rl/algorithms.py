@@ -4,7 +4,9 @@ PPO (Ouyang et al. 2022; Ziegler et al. 2019): per-token reward = -beta * KL_t p
 the last token; GAE(gamma, lambda) with the critic's values; advantages whitened over the batch.
 GRPO (Shao et al. 2024): (r - mean_group) / std_group per sequence, broadcast to its tokens; KL to
 the reference as a loss term (default) or in the reward. RLOO (Ahmadian et al. 2024): r minus the
-mean of the other samples of the same prompt.
+mean of the other samples of the same prompt. Variants as config choices (see AlgoConfig): DAPO's
+dynamic sampling and clip-higher, GSPO's sequence-level ratio, Dr. GRPO's unnormalised advantages
+and loss; `informative_groups` is DAPO's filter.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 from llmray.config import check
 
 if TYPE_CHECKING:
+    import torch
+
     from llmray.rl.batch import RLBatch
 
 
@@ -57,6 +61,19 @@ class AlgoConfig:
     """PPO-ptx gamma: weight of the LM loss on `ptx_data` mixed into every actor minibatch."""
     tis_cap: float | None = None
     """Truncated importance sampling cap on pi_actor/pi_rollout (train-inference gap correction); null = off."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip, decoupled from `clip_eps` (DAPO's clip-higher, e.g. 0.28); null = clip_eps."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio (pair it with
+    loss_agg seq_mean_token_mean and clip ranges of a few 1e-4)."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How token losses become one number: token_mean (DAPO), seq_mean_token_mean (GRPO paper, GSPO),
+    seq_mean_token_sum_norm (Dr. GRPO: token sums / rollout.max_tokens, no length normalisation)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop prompt groups whose rewards are all equal (no advantage signal),
+    draw more prompts until `prompts_per_step` informative groups are found (at most
+    `max_sampling_rounds` extra rounds; any shortfall is filled with dropped groups and counted)."""
+    max_sampling_rounds: int = 4
 
     def __post_init__(self) -> None:
         a = "algo"
@@ -78,6 +95,12 @@ class AlgoConfig:
         check(self.entropy_coef >= 0 and self.ptx_coef >= 0, f"{a}.entropy_coef",
               "entropy_coef and ptx_coef must be >= 0")
         check(self.tis_cap is None or self.tis_cap >= 1, f"{a}.tis_cap", f"must be >= 1 or null, got {self.tis_cap}")
+        check(self.clip_eps_high is None or 0 < self.clip_eps_high < 10, f"{a}.clip_eps_high",
+              f"must be in (0, 10) or null, got {self.clip_eps_high}")
+        check(not self.dynamic_sampling or self.n_samples >= 2, f"{a}.dynamic_sampling",
+              f"needs groups: algo.n_samples >= 2, got {self.n_samples}")
+        check(self.max_sampling_rounds >= 1, f"{a}.max_sampling_rounds",
+              f"must be >= 1, got {self.max_sampling_rounds}")
 
     @property
     def batch_size(self) -> int:
@@ -100,7 +123,7 @@ def compute_advantages(batch: "RLBatch", cfg: AlgoConfig, kl_coef: float) -> tup
                                           masked_mean, rloo_advantages, whiten)
     from llmray.rl.ppo.kl import kl_estimate
 
-    mask = batch.response_mask
+    mask = batch.train_mask
     scores = batch.scores.float()
     if batch.ref_logprobs is not None:
         kl = kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask
@@ -133,3 +156,17 @@ def compute_advantages(batch: "RLBatch", cfg: AlgoConfig, kl_coef: float) -> tup
         "rollout/advantage_abs_mean": float(masked_mean(adv.abs(), mask)),
     }
     return batch.replace(token_rewards=token_rewards, advantages=adv, returns=returns), stats
+
+
+def informative_groups(scores: "torch.Tensor", group_size: int, tol: float = 1e-6) -> list[int]:
+    """DAPO's filter: the indices of the prompt groups (prompt-major rows of `group_size`) whose rewards
+    are not all equal. A group of equal rewards has zero group-relative advantage: it adds tokens to the
+    batch but no gradient signal."""
+    g = scores.float().view(-1, group_size)
+    spread = g.max(dim=1).values - g.min(dim=1).values
+    return [i for i, s in enumerate(spread.tolist()) if s > tol]
+
+
+def group_rows(groups: list[int], group_size: int) -> list[int]:
+    """Row indices of whole prompt groups, in the given group order."""
+    return [g * group_size + j for g in groups for j in range(group_size)]

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 # Which side each padded tensor is padded on when shards of different widths are joined.
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _TOKEN_FIELDS = ("response_ids", "response_mask", "rollout_logprobs", "logprobs", "ref_logprobs",
-                 "values", "token_rewards", "advantages", "returns")
-_ROW_FIELDS = ("prompt_index", "scores", "correct")
+                 "values", "token_rewards", "advantages", "returns", "token_versions", "loss_mask")
+_ROW_FIELDS = ("prompt_index", "scores", "correct", "env_rewards")
 _LIST_FIELDS = ("answers", "texts", "finish_reasons")
 
 
@@ -53,10 +53,23 @@ class RLBatch:
     token_rewards: "torch.Tensor | None" = None
     advantages: "torch.Tensor | None" = None
     returns: "torch.Tensor | None" = None
+    loss_mask: "torch.Tensor | None" = None
+    """(B, T) float 1 on the tokens the policy generated; 0 on tool outputs a multi-turn episode put
+    in the context (they count for attention, not for the loss or the KL). None: `response_mask`."""
+    env_rewards: "torch.Tensor | None" = None
+    """(B,) the environment's reward of each episode (`llmray.rl.env`): the rule part of the reward."""
+    token_versions: "torch.Tensor | None" = None
+    """(B, T) int64: the weight version (pushes into the engines so far) that generated each response
+    token; in async mode the trainer may be up to `rollout.max_staleness` versions ahead."""
 
     # ----- shape helpers
     def __len__(self) -> int:
         return int(self.response_ids.size(0))
+
+    @property
+    def train_mask(self) -> "torch.Tensor":
+        """The tokens that count for the loss, the KL and the advantages: the policy's own."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     @property
     def input_ids(self) -> "torch.Tensor":
@@ -80,6 +93,13 @@ class RLBatch:
     def replace(self, **changes: Any) -> "RLBatch":
         return dataclasses.replace(self, **changes)
 
+    def to(self, device: "torch.device | str") -> "RLBatch":
+        """The batch with every tensor on `device` (a role's device, llmray.device). A tensor already there
+        is kept as it is, so on the CPU this copies nothing."""
+        changes = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                   if f.name not in _LIST_FIELDS and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, **changes)
+
     # ----- dispatch
     def select(self, idx: "torch.Tensor | list[int]") -> "RLBatch":
         import torch
@@ -93,7 +113,7 @@ class RLBatch:
             elif f.name in _LIST_FIELDS:
                 out[f.name] = [v[i] for i in idx_t.tolist()] if v else []
             else:
-                out[f.name] = v.index_select(0, idx_t)
+                out[f.name] = v.index_select(0, idx_t.to(v.device))
         return RLBatch(**out)
 
     def split(self, n: int) -> list["RLBatch"]:
@@ -137,7 +157,7 @@ class RLBatch:
             for v in vals:
                 gap = width - v.size(1)
                 if gap:
-                    pad = torch.full((v.size(0), gap), pad_value, dtype=v.dtype)
+                    pad = torch.full((v.size(0), gap), pad_value, dtype=v.dtype, device=v.device)
                     v = torch.cat([pad, v] if left else [v, pad], 1)
                 padded.append(v)
             out[f.name] = torch.cat(padded, 0)
@@ -156,9 +176,11 @@ class RLBatch:
         return [self.select(perm[i:i + size]) for i in range(0, len(self), size)]
 
     @staticmethod
-    def from_rollouts(rollouts: list[dict], answers: list[str], pad_id: int, prompt_offset: int = 0) -> "RLBatch":
+    def from_rollouts(rollouts: list[dict], answers: list[str], pad_id: int, prompt_offset: int = 0,
+                      version: int = 0) -> "RLBatch":
         """Build a batch from rollout records ({"prompt_index","prompt_ids","response_ids",
-        "logprobs","text","finish_reason"}); `answers[i]` is the gold answer of prompt i."""
+        "logprobs","text","finish_reason"}); `answers[i]` is the gold answer of prompt i; `version`
+        is the weight version the engines generated them with."""
         import torch
 
         B = len(rollouts)
@@ -171,6 +193,9 @@ class RLBatch:
         response_ids = torch.full((B, T), pad_id, dtype=torch.long)
         response_mask = torch.zeros(B, T)
         logprobs = torch.zeros(B, T)
+        versions = torch.full((B, T), int(version), dtype=torch.long)
+        multi = any("loss_mask" in r for r in rollouts)
+        loss_mask = torch.zeros(B, T) if multi else None
         for i, r in enumerate(rollouts):
             p, resp = list(r["prompt_ids"]), list(r["response_ids"])
             if p:
@@ -182,6 +207,10 @@ class RLBatch:
                 lp = r.get("logprobs")
                 if lp is not None:
                     logprobs[i, :len(resp)] = torch.tensor([float(x) for x in lp])
+                if loss_mask is not None:
+                    loss_mask[i, :len(resp)] = torch.tensor([float(x) for x in r.get("loss_mask", [1] * len(resp))])
+                if "token_versions" in r:
+                    versions[i, :len(resp)] = torch.tensor([int(x) for x in r["token_versions"]])
         idx = [int(r["prompt_index"]) + prompt_offset for r in rollouts]
         return RLBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
@@ -190,4 +219,8 @@ class RLBatch:
             texts=[r.get("text", "") for r in rollouts],
             finish_reasons=[r.get("finish_reason") or "" for r in rollouts],
             rollout_logprobs=logprobs,
+            loss_mask=loss_mask,
+            env_rewards=(torch.tensor([float(r["env_reward"]) for r in rollouts])
+                         if all("env_reward" in r for r in rollouts) else None),
+            token_versions=versions,
         )

@@ -1,7 +1,7 @@
 """RL checkpoints: the actor's and critic's engine states, then COMPLETE.json (the controller state) written last.
 
     path = save(roles, step, {"algorithm": "ppo", "kl": kl_ctl.state_dict(), "prompts_consumed": 64})
-    step, kl_ctl = restore(roles, path)      # engine states back, KL controller from the marker
+    step, kl_ctl, consumed = restore(roles, path)   # engine states back; KL controller, prompt cursor from the marker
 
 Layout `run_dir`/checkpoints/step_00000008/{actor/, critic/, COMPLETE.json}; a directory without the
 marker is incomplete and never resumed from. `checkpoint.keep_last` complete ones are kept.
@@ -70,6 +70,9 @@ def kl_controller(algo: "AlgoConfig", state: dict | None = None):
 
 
 def restore(roles: "RoleGroups", path: Path):
-    """Load the checkpoint at `path`: returns (its step, the KL controller as it was then)."""
+    """Load the checkpoint at `path`: returns (its step, the KL controller as it was then, the prompts
+    consumed by then)."""
     meta = load(roles, path)
-    return int(meta["step"]), kl_controller(roles.cfg.algo, state=meta["kl"])
+    step = int(meta["step"])
+    consumed = int(meta.get("prompts_consumed", step * roles.cfg.algo.prompts_per_step))
+    return step, kl_controller(roles.cfg.algo, state=meta["kl"]), consumed

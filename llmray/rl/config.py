@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llmray.cluster import RayConfig
+from llmray.cluster import RayConfig, check_custom_resources
 from llmray.config import check
 from llmray.rl.algorithms import AlgoConfig
 from llmray.train.checkpoint import CheckpointConfig
@@ -31,6 +31,9 @@ class TrainRoleConfig:
     """Data-parallel ranks; must divide the rollout batch and the minibatch."""
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     deepspeed: DeepSpeedConfig = field(default_factory=_rl_deepspeed)
     optimizer: OptimizerConfig = field(default_factory=_rl_optimizer)
 
@@ -46,6 +49,9 @@ class RefConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     micro_batch_size: int = 32
 
 
@@ -60,6 +66,9 @@ class RewardConfig:
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
 
     def __post_init__(self) -> None:
         check(self.kind == "rule" or self.model is not None, "reward.model",
@@ -73,6 +82,9 @@ class RolloutConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests besides its CPUs/GPUs, e.g. {node_b: 1} to place the
+    role on the node(s) started with `ray start --resources='{"node_b": 8}'`."""
     max_model_len: int = 256
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """vLLM dtype. `auto`: bf16 on a GPU or a bf16-capable CPU, else fp32 (llmray.hardware). The actor
@@ -86,9 +98,23 @@ class RolloutConfig:
     call_timeout_s: float = 600.0
     max_restarts: int = 3
     """Restarts of a dead rollout engine per call before the run fails."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, then train, step after step. async: the engines generate the next
+    `max_staleness` steps' batches while the actor trains (llmray/rl/pipeline.py); needs algo.tis_cap."""
+    max_staleness: int = 1
+    """Async: a batch is trained at most this many weight versions after the version that generated it."""
+    env: Literal["task", "calculator"] = "task"
+    """The environment of each episode (llmray/rl/env.py): `task` answers the prompt in one turn;
+    `calculator` offers a calculator tool (hermes tool calls) whose results join the context."""
+    max_turns: int = 1
+    """Model turns per episode (tool calls need >= 2: one to call, one to answer)."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        check(self.max_staleness >= 1, "rollout.max_staleness", f"must be >= 1, got {self.max_staleness}")
+        check(self.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {self.max_turns}")
+        check(self.env != "calculator" or self.max_turns >= 2, "rollout.max_turns",
+              f"rollout.env calculator needs >= 2 turns (call the tool, then answer), got {self.max_turns}")
         check(self.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
         check(self.temperature > 0, "rollout.temperature", "must be > 0 (RL samples; greedy gives no exploration)")
 
@@ -138,8 +164,21 @@ class PromptFilterConfig:
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
+    transport: str = "auto"
+    """How the actor's weights reach the rollout engines after each update: `collective` (the actor's
+    rank 0 broadcasts over a process group the engines joined: nccl on GPUs, gloo on CPU),
+    `object_store` (buckets through Ray's object store), or `auto` (collective; see
+    docs/operations.md, "Weight sync transports")."""
     bucket_mb: float = 64.0
+    """Size of one sync bucket; at ZeRO-3 also the most that is gathered on every actor rank at once."""
     timeout_s: float = 120.0
+    """Bound on one whole push (every bucket into every engine)."""
+
+    def __post_init__(self) -> None:
+        check(self.transport in ("auto", "object_store", "collective"), "weight_sync.transport",
+              f"must be auto, object_store or collective, got {self.transport!r}")
+        check(self.bucket_mb > 0, "weight_sync.bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        check(self.timeout_s > 0, "weight_sync.timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
+        for role in ("actor", "critic", "ref", "reward", "rollout"):
+            check_custom_resources(getattr(self, role).resources, f"{role}.resources")
         B = self.algo.batch_size
         roles = [("actor", self.actor.num_workers), ("ref", self.ref.num_workers),
                  ("reward", self.reward.num_workers), ("rollout", self.rollout.num_workers)]
@@ -219,3 +260,14 @@ class RLConfig:
         check(self.algo.ptx_coef == 0 or self.ptx_data is not None, "ptx_data", "required when algo.ptx_coef > 0")
         check(self.eval_every >= -1, "eval_every", "must be >= -1")
         check(self.eval_sampled_k >= 0, "eval_sampled_k", f"must be >= 0 (0 = off), got {self.eval_sampled_k}")
+        if self.rollout.max_turns > 1:
+            check(not self.algo.uses_critic, "rollout.max_turns",
+                  "multi-turn episodes train with sequence-level advantages (algo.algorithm grpo or rloo); "
+                  "PPO's per-token GAE would restart at every masked tool output")
+        if self.rollout.mode == "async":
+            check(self.algo.tis_cap is not None, "algo.tis_cap",
+                  "rollout.mode: async trains on samples up to rollout.max_staleness weight versions old; the "
+                  "ratio's denominator must be the actor's recomputed log-probs with the engine's behaviour "
+                  "log-probs corrected by truncated importance weights: set algo.tis_cap (e.g. 2.0)")
+            check(not self.algo.dynamic_sampling, "algo.dynamic_sampling",
+                  "is not supported with rollout.mode: async (refills would be generated synchronously)")

@@ -12,8 +12,18 @@ if TYPE_CHECKING:
     from llmray.rl.groups import RoleGroups
 
 
-def texts(roles: "RoleGroups", prompt_ids: list[list[int]], sampling: dict, tokenizer) -> list[str]:
-    """Decoded responses from the rollout engines (n per prompt, consecutive), current weights."""
+def texts(roles: "RoleGroups", prompt_ids: list[list[int]], sampling: dict, tokenizer,
+          answers: list[str] | None = None) -> list[str]:
+    """Decoded responses from the rollout engines (n per prompt, consecutive), current weights; with
+    `rollout.max_turns` > 1 (and the `answers` the environments check), each is an episode's last turn."""
+    r = roles.cfg.rollout
+    if r.max_turns > 1 and answers is not None:
+        from llmray.rl.env import make_env
+        from llmray.rl.episodes import run_episodes
+
+        envs = [lambda a=a: make_env({"answer": a}, tools=r.env == "calculator") for a in answers]
+        return [e["text"] for e in run_episodes(roles.generate, envs, prompt_ids, sampling, r.max_turns, tokenizer,
+                                                r.max_model_len)]
     return [tokenizer.decode(o["response_ids"], skip_special_tokens=True)
             for o in roles.generate(prompt_ids, sampling)]
 
@@ -31,13 +41,13 @@ def evaluate(roles: "RoleGroups", prompt_ids: list[list[int]], answers: list[str
     from llmray.rl.data import pass_rates
 
     n = max(1, len(answers))
-    greedy = texts(roles, prompt_ids, {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}, tokenizer)
+    greedy = texts(roles, prompt_ids, {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}, tokenizer, answers)
     out = {"accuracy": sum(is_correct(a, t) for a, t in zip(answers, greedy)) / n,
            "mean_reward": sum(reward(a, t) for a, t in zip(answers, greedy)) / n, "responses": greedy}
     if sampled_k:
         k = sampled_k
         sampled = texts(roles, prompt_ids, {"n": k, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                                            "max_tokens": max_tokens}, tokenizer)
+                                            "max_tokens": max_tokens}, tokenizer, answers)
         per_prompt = pass_rates(answers, sampled, k)
         out.update(mean_at_k=sum(per_prompt) / n, pass_at_k=sum(p > 0 for p in per_prompt) / n, k=k)
     return out

@@ -6,8 +6,9 @@
     roles.restart_trainers(cause)                   # a DeepSpeed world cannot lose a rank and go on
     roles.shutdown()
 
-Every restart is logged with its cause in `run_dir`/restarts.jsonl, and `run_dir`/workers.json holds the
-worker process ids by role (what an operator or a chaos test kills).
+Every restart is logged with its cause in `run_dir`/restarts.jsonl, `run_dir`/workers.json holds the
+worker process ids by role (what an operator or a chaos test kills) and `run_dir`/nodes.json the Ray
+node each rank runs on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,60 @@ from llmray.rl.config import RLConfig
 log = logging.getLogger(__name__)
 
 
-def _res(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def _res(rc) -> dict:
+    """A role worker's Ray resources: its CPUs, GPUs and custom resources (`<role>.resources`): its bundle."""
+    return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
+            **rc.resources}
+
+
+def placement_groups(cfg: RLConfig) -> list:
+    """The run's placement groups, in the order `RoleGroups.start` creates them: rollout, actor (+ref when
+    colocated), critic (+reward when colocated), then ref and reward on their own. Pure: `llmray plan`
+    places them on a described cluster (llmray.placement)."""
+    from llmray.placement import Group, Role
+
+    c = cfg
+
+    def role(name: str) -> Role:
+        rc = getattr(c, name)
+        return Role(name, rc.num_workers, _res(rc), name)
+
+    groups = [Group((role("rollout"),)),
+              Group((role("actor"), role("ref")) if c.placement.colocate_actor_ref else (role("actor"),))]
+    if c.algo.uses_critic:
+        groups.append(Group((role("critic"), role("reward")) if c.placement.colocate_critic_reward
+                            else (role("critic"),)))
+    if not c.placement.colocate_actor_ref:
+        groups.append(Group((role("ref"),)))
+    if not c.placement.colocate_critic_reward:
+        groups.append(Group((role("reward"),)))
+    return groups
+
+
+def rollout_init_kwargs(cfg: RLConfig, model_dir: str) -> dict:
+    """What each rollout worker is built with (the vLLM engine's settings come from these)."""
+    r = cfg.rollout
+    kw = {"model_dir": model_dir, "max_model_len": r.max_model_len,
+          "dtype": r.dtype if r.engine == "vllm" else "float32", "seed": cfg.seed}
+    if r.engine == "vllm":
+        kw.update(enforce_eager=r.enforce_eager, kv_cache_gb=r.kv_cache_gb,
+                  # logprobs of the distribution actually sampled (temperature applied),
+                  # which is what the actor recomputes with logits / temperature
+                  logprobs_mode="raw_logprobs" if r.temperature == 1.0 else "processed_logprobs")
+    return kw
+
+
+def trainer_deepspeed(cfg: RLConfig, role: str) -> dict:
+    """The actor's or critic's DeepSpeed settings: its config, with the engine's micro-batch cut to fit
+    the per-rank minibatch."""
+    from llmray.config import to_dict
+
+    rc = getattr(cfg, role)
+    per_rank = cfg.algo.minibatch_size // rc.num_workers
+    ds = to_dict(rc.deepspeed)
+    ds["micro_batch_size"] = min(ds["micro_batch_size"], per_rank)
+    ds["grad_accum_steps"] = max(1, per_rank // ds["micro_batch_size"])
+    return ds
 
 
 def thread_budget(cfg: RLConfig) -> int:
@@ -121,39 +174,32 @@ class RoleGroups:
         """role -> the placement group it shares with its partner (actor+ref, critic+reward)."""
         self.restarts: list[dict] = []
         self.sync = None
-        """The `WeightSync` into the rollout engines (its last push is replayed into a restarted engine)."""
+        """The weight sync into the rollout engines (`WeightSync` or `CollectiveSync`, by `weight_sync.transport`);
+        a restarted engine is given the current weights again through it."""
 
     def start(self) -> None:
         """Rollout engines first (the most likely to fail on bad input), then the other roles."""
-        from llmray.rl.weight_sync import WeightSync
+        from llmray.rl.weight_sync import make_weight_sync
         from llmray.rl.worker_group import WorkerGroup
         from llmray.rl.workers.ref import RefWorker
         from llmray.rl.workers.reward import RewardWorker
         from llmray.rl.workers.rollout import HFRolloutWorker, RolloutWorker
 
         c, r = self.cfg, self.cfg.rollout
-        vllm = r.engine == "vllm"
-        engine_kw = {"enforce_eager": r.enforce_eager, "kv_cache_gb": r.kv_cache_gb,
-                     # logprobs of the distribution actually sampled (temperature applied),
-                     # which is what the actor recomputes with logits / temperature
-                     "logprobs_mode": "raw_logprobs" if r.temperature == 1.0 else "processed_logprobs"}
         self.groups["rollout"] = WorkerGroup(
-            "rollout", RolloutWorker if vllm else HFRolloutWorker, r.num_workers,
-            _res(r.cpus_per_worker, r.gpus_per_worker),
-            {"model_dir": self.dirs["actor"], "max_model_len": r.max_model_len,
-             "dtype": r.dtype if vllm else "float32", "seed": c.seed, **(engine_kw if vllm else {})},
-            call_timeout_s=r.call_timeout_s, env=thread_env(c))
-        self.sync = WeightSync(c.weight_sync.bucket_mb, c.weight_sync.timeout_s)
+            "rollout", RolloutWorker if r.engine == "vllm" else HFRolloutWorker, r.num_workers, _res(r),
+            rollout_init_kwargs(c, self.dirs["actor"]), call_timeout_s=r.call_timeout_s, env=thread_env(c))
+        self.sync = make_weight_sync(c.weight_sync, gpu=c.actor.gpus_per_worker > 0 and r.gpus_per_worker > 0)
         self._start_trainers()
         pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
         self.groups["ref"] = WorkerGroup(
-            "ref", RefWorker, c.ref.num_workers, _res(c.ref.cpus_per_worker, c.ref.gpus_per_worker),
+            "ref", RefWorker, c.ref.num_workers, _res(c.ref),
             {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
             placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
             env=thread_env(c))
         pg_rw = self._colocated("critic") if c.placement.colocate_critic_reward else (None, None)
         self.groups["reward"] = WorkerGroup(
-            "reward", RewardWorker, c.reward.num_workers, _res(c.reward.cpus_per_worker, c.reward.gpus_per_worker),
+            "reward", RewardWorker, c.reward.num_workers, _res(c.reward),
             {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
              "model_weight": c.reward.model_weight},
             placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
@@ -173,9 +219,10 @@ class RoleGroups:
         if not colocate:
             return None, None
         if role not in self.shared_pgs:  # not a restart, where the partner role still lives there
-            pc = getattr(c, partner)
+            from llmray.placement import shared_bundle
+
             # One bundle per rank holds both roles' fractional resources.
-            bundle = {k: v + _res(pc.cpus_per_worker, pc.gpus_per_worker).get(k, 0.0) for k, v in res.items()}
+            bundle = shared_bundle(res, _res(getattr(c, partner)))
             pg = make_placement_group([bundle] * num_workers, what=f"{role}+{partner} placement group")
             self.pgs.append(pg)
             self.shared_pgs[role] = pg
@@ -194,13 +241,9 @@ class RoleGroups:
                                      ("critic", CriticWorker, c.critic, {})]:
             if role == "critic" and not c.algo.uses_critic:
                 continue
-            res = _res(rc.cpus_per_worker, rc.gpus_per_worker)
+            res = _res(rc)
             pg, bundles = self._trainer_placement(role, res, rc.num_workers)
-            # The engine's micro-batch must fit the per-rank minibatch.
-            per_rank = c.algo.minibatch_size // rc.num_workers
-            ds = to_dict(rc.deepspeed)
-            ds["micro_batch_size"] = min(ds["micro_batch_size"], per_rank)
-            ds["grad_accum_steps"] = max(1, per_rank // ds["micro_batch_size"])
+            ds = trainer_deepspeed(c, role)
             self.groups[role] = WorkerGroup(
                 role, cls, rc.num_workers, res,
                 {"model_dir": self.dirs[role], "deepspeed": ds, "optimizer": to_dict(rc.optimizer),
@@ -230,15 +273,26 @@ class RoleGroups:
         for rank in ranks:
             self.log_restart("rollout", rank, group.restarts[-1]["cause"] if group.restarts else "died")
         if self.sync.last is not None:
-            self.sync.resync(group)
+            self.sync.resync(group, actor_group=self.groups.get("actor"))
 
     def write_pids(self) -> dict:
-        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills)."""
+        """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills);
+        `run_dir`/nodes.json: role -> [{node_id, node_ip} by rank] (where each worker runs)."""
         pids = {role: g.pids() for role, g in self.groups.items()}
-        tmp = self.out / ".workers.json.tmp"
-        tmp.write_text(json.dumps(pids))
-        os.replace(tmp, self.out / "workers.json")
+        nodes = {role: self.nodes(g) for role, g in self.groups.items()}
+        for name, data in (("workers.json", pids), ("nodes.json", nodes)):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.out / name)
         return pids
+
+    @staticmethod
+    def nodes(group) -> list[dict[str, str]]:
+        """Per rank of `group`: the Ray node it runs on ({node_id, node_ip}); asked on the control
+        concurrency group, so a busy worker answers too."""
+        import ray
+
+        return ray.get([a.node.options(concurrency_group="control").remote() for a in group.actors], timeout=60)
 
     def log_restart(self, role: str, rank: int, cause: str) -> None:
         rec = {"time": time.time(), "role": role, "rank": rank, "cause": cause}

@@ -41,7 +41,8 @@ def filter_prompts(roles: "RoleGroups", prompt_ids: list[list[int]], records: li
     answers = [records[i]["answer"] for i in pool]
     sampling = {"n": f.samples, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                 "max_tokens": cfg.rollout.max_tokens}
-    rates = data.pass_rates(answers, texts(roles, [prompt_ids[i] for i in pool], sampling, tokenizer), f.samples)
+    responses = texts(roles, [prompt_ids[i] for i in pool], sampling, tokenizer, answers)
+    rates = data.pass_rates(answers, responses, f.samples)
     kept = data.select_by_pass_rate(pool, rates, f.min_pass, f.max_pass)
     summary = {"pool": len(pool), "kept": len(kept), "never_solved": sum(r == 0 for r in rates),
                "always_solved": sum(r == 1 for r in rates), "samples": f.samples, "min_pass": f.min_pass,

@@ -1,9 +1,11 @@
 """vLLM worker extension that loads pushed weight buckets into the running engine and reports a checksum.
 
-Mixed into vLLM's worker with `LLM(..., worker_extension_cls="llmray.rl.vllm_ext.WeightLoader")` and
-called through `llm.collective_rpc("llmray_load_bucket", args=(payload,))`. The payload is the
-bucket serialized as safetensors bytes: tensors passed directly in collective_rpc arguments are
-turned into lists, and Python callables are refused. Loading goes through vLLM's in-place
+Mixed into vLLM's worker with `LLM(..., worker_extension_cls="llmray.rl.vllm_ext.WeightLoader")`.
+Object-store transport: `llm.collective_rpc("llmray_load_bucket", args=(payload,))`, the payload being
+the bucket serialized as safetensors bytes (tensors passed directly in collective_rpc arguments are
+turned into lists, and Python callables are refused). Collective transport: the worker joins the
+actor's broadcast group (`llmray_weight_join`) and receives the tensors itself
+(`llmray_weight_receive(plan)`); only the plan crosses collective_rpc. Loading goes through vLLM's in-place
 `reload_weights` (checkpoint-format names, layer-wise processing), which survives the CPU
 backend's weight repacking — a direct `model.load_weights` after start-up does not. A layer whose
 weights are only partly present would be processed with garbage, so buckets keep fused groups
@@ -19,14 +21,18 @@ class WeightLoader:
     """Methods added to every vLLM worker (one per tensor-parallel rank)."""
 
     def llmray_load_bucket(self, payload: bytes) -> dict:
-        """Load one bucket (safetensors bytes) in place; return its checksum and size."""
+        """Object-store transport: load one bucket (safetensors bytes) in place; its checksum and size."""
         from safetensors.torch import load
 
         from llmray.rl.weight_sync import checksum
 
-        state = load(payload)
-        items = sorted(state.items())
+        items = sorted(load(payload).items())
         digest = checksum(items)
+        self._llmray_load(items)
+        return {"checksum": digest, "num_tensors": len(items), "bytes": len(payload)}
+
+    def _llmray_load(self, items: list) -> None:
+        """Load (name, tensor) pairs in place through vLLM's layer-wise `reload_weights`."""
         items = _to_engine_dtype(items, self.model_config.dtype)
         # reload_weights warns once per layer absent from this bucket; that is expected here.
         quiet = logging.getLogger("vllm.model_executor.model_loader.reload")
@@ -37,38 +43,37 @@ class WeightLoader:
         finally:
             quiet.setLevel(level)
         _refresh_tied(self.model_runner.get_model(), {name for name, _ in items})
-        return {"checksum": digest, "num_tensors": len(items), "bytes": len(payload)}
 
-    # -- GPU: NCCL transport (see llmray.rl.weight_sync.NcclTransport) -----------------------
-    def llmray_nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> int:
-        """Join the trainer's weight-broadcast group as rank `rank_offset + tp_rank`."""
-        import torch
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    # -- collective transport (llmray.rl.weight_collective): this worker joins the group itself --
+    def llmray_weight_join(self, rank_offset: int, host: str, port: int, world_size: int, backend: str,
+                           timeout_s: float, name: str) -> int:
+        """Join the actor's weight-broadcast group as rank `rank_offset + tp_rank` (the sender is rank 0)."""
         from vllm.distributed.parallel_state import get_tp_group
-        from vllm.distributed.utils import StatelessProcessGroup
 
+        from llmray.rl.weight_collective import WeightGroup
+
+        self.llmray_weight_leave()
         rank = rank_offset + get_tp_group().rank_in_group
-        pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-        self._llmray_nccl = PyNcclCommunicator(pg, device=torch.cuda.current_device())
+        self._llmray_group = WeightGroup(host, port, rank, world_size, backend, timeout_s, name)
         return rank
 
-    def llmray_nccl_receive(self, meta: list[tuple[str, str, list[int]]]) -> dict:
-        """Receive one bucket by broadcast from rank 0 (names, dtypes, shapes in `meta`) and load it."""
-        import torch
+    def llmray_weight_receive(self, plan: list) -> list[dict]:
+        """Receive every bucket of `plan` by broadcast and load it; per bucket its checksum and size."""
+        from llmray.rl.weight_collective import receive_buckets
 
-        from llmray.rl.weight_sync import checksum
+        group = getattr(self, "_llmray_group", None)
+        if group is None:
+            raise RuntimeError("this rollout engine is in no weight-broadcast group (weight_join first)")
+        try:
+            return receive_buckets(group, plan, self._llmray_load)
+        except BaseException:
+            self.llmray_weight_leave()
+            raise
 
-        tensors = []
-        for name, dtype, shape in meta:
-            t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device="cuda")
-            self._llmray_nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            tensors.append((name, t))
-        torch.cuda.synchronize()
-        digest = checksum(tensors)
-        self.reload_weights(weights_iterator=_to_engine_dtype(tensors, self.model_config.dtype))
-        _refresh_tied(self.model_runner.get_model(), {n for n, _ in tensors})
-        return {"checksum": digest, "num_tensors": len(tensors),
-                "bytes": sum(t.numel() * t.element_size() for _, t in tensors)}
+    def llmray_weight_leave(self) -> None:
+        group, self._llmray_group = getattr(self, "_llmray_group", None), None
+        if group is not None:
+            group.close()
 
 
 def _to_engine_dtype(items: list, dtype) -> list:

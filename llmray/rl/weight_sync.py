@@ -1,23 +1,23 @@
 """Push the actor's weights into every rollout engine: size-bounded buckets that keep fused groups whole,
 a checksum checked per engine and bucket, a timeout on the whole push, prefix cache reset after.
 
-Actor side (inside the RL actor worker, weights in HF naming, gathered from ZeRO-3 if sharded):
+Two transports, one contract (`weight_sync.transport`, see `make_weight_sync` and docs/operations.md):
 
-    from llmray.rl.weight_sync import put_buckets
-    refs = put_buckets(model.named_parameters(), bucket_mb=64)   # ray.put per bucket; returns BucketRefs
+- `object_store` (`WeightSync`): the actor's rank 0 `ray.put`s each bucket; only object refs travel
+  through the controller; each rollout actor fetches the buckets and hands them to vLLM's worker
+  extension as safetensors bytes.
+- `collective` (`llmray.rl.weight_collective.CollectiveSync`): the actor's rank 0 broadcasts each
+  bucket over a gloo (CPU) or nccl (GPU) process group that the engines' model workers joined.
 
-Controller side:
+Both gather ZeRO-3 parameters one bucket at a time on every actor rank; only rank 0 keeps them.
 
-    sync = WeightSync(bucket_mb=64, timeout_s=60)
-    metrics = sync.push(actor_group.weight_refs(64)[0], rollout_group)   # rank 0 puts the buckets
-    # or, with tensors in the driver: sync.push(model.named_parameters(), rollout_group)
-    # metrics: {"weight_sync/sync_s", "weight_sync/bytes", "weight_sync/buckets", "weight_sync/tensors"}
+    sync = make_weight_sync(cfg.weight_sync, gpu=False)
+    metrics = sync.push_actor(actor_group, rollout_group)
+    # {"weight_sync/sync_s", "weight_sync/bytes", "weight_sync/buckets", "weight_sync/tensors", ...}
+    push_with_restart(sync, actor_group, rollout_group, max_restarts=2)   # a dead engine: restart, push again
 
-Only object refs travel through the controller (`BucketRef` holds the ref, the sender's checksum
-and the size); each rollout actor fetches the bucket from the object store. A push that does not
-finish within `timeout_s` raises `WeightSyncError` naming the engine ranks still loading; a
-checksum that differs from the sender's raises `WeightSyncError` naming engine and bucket.
-`transport="nccl"` (GPU) broadcasts the same buckets over an NCCL group — see `NcclTransport`.
+A push that does not finish within `timeout_s` raises `WeightSyncError` naming the engine ranks still
+loading; a checksum that differs from the sender's raises `WeightSyncError` naming engine and bucket.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     import torch
@@ -58,35 +58,49 @@ def fused_group(name: str) -> str:
     return f"{m.group(1)}{_FUSED[m.group(2)]}" if m else name
 
 
-def make_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_mb: float,
-                 device: str | None = "cpu") -> list[dict]:
-    """Group tensors into buckets of about `bucket_mb` MiB, in the given order, never splitting a fused group.
-
-    A group larger than the budget gets a bucket of its own. Tensors are moved to `device`
-    (None: left where they are, e.g. on the GPU for the NCCL transport). Each bucket is
-    {"tensors": {name: contiguous CPU tensor}, "checksum": str, "bytes": int}.
-    """
+def bucket_names(named_sizes: Iterable[tuple[str, int]], bucket_mb: float) -> list[list[str]]:
+    """Names grouped into buckets of about `bucket_mb` MiB (sizes in bytes), in the given order, never
+    splitting a fused group; a group larger than the budget gets a bucket of its own."""
     if bucket_mb <= 0:
-        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        raise ValueError(f"weight_sync.bucket_mb must be > 0, got {bucket_mb}")
     budget = bucket_mb * 2**20
-    groups: dict[str, list[tuple[str, Any]]] = {}
-    for name, t in named_tensors:
-        t = t.detach() if device is None else t.detach().to(device)
-        groups.setdefault(fused_group(name), []).append((name, t.contiguous()))
-    buckets: list[dict] = []
-    current: dict[str, Any] = {}
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for name, size in named_sizes:
+        groups.setdefault(fused_group(name), []).append((name, size))
+    buckets: list[list[str]] = []
+    current: list[str] = []
     size = 0
     for members in groups.values():
-        g_bytes = sum(t.numel() * t.element_size() for _, t in members)
+        g_bytes = sum(s for _, s in members)
         if current and size + g_bytes > budget:
             buckets.append(current)
-            current, size = {}, 0
-        current.update(members)
+            current, size = [], 0
+        current.extend(n for n, _ in members)
         size += g_bytes
     if current:
         buckets.append(current)
-    return [{"tensors": b, "checksum": checksum(b.items()),
-             "bytes": sum(t.numel() * t.element_size() for t in b.values())} for b in buckets]
+    return buckets
+
+
+def make_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_mb: float,
+                 device: str | None = "cpu") -> list[dict]:
+    """Tensors grouped as `bucket_names` says, moved to `device` (None: left where they are).
+
+    Each bucket is {"tensors": {name: contiguous tensor}, "checksum": str, "bytes": int}.
+    """
+    tensors = {}
+    for name, t in named_tensors:
+        t = t.detach() if device is None else t.detach().to(device)
+        tensors[name] = t.contiguous()
+    names = bucket_names([(n, t.numel() * t.element_size()) for n, t in tensors.items()], bucket_mb)
+    return [bucket_dict([(n, tensors[n]) for n in b]) for b in names]
+
+
+def bucket_dict(named: list[tuple[str, "torch.Tensor"]]) -> dict:
+    """{"tensors": {name: tensor}, "checksum": str, "bytes": int}: one bucket as the object store carries it."""
+    tensors = {n: t.contiguous() for n, t in named}
+    return {"tensors": tensors, "checksum": checksum(tensors.items()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
 def checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
@@ -98,7 +112,7 @@ def checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy; hashlib releases the GIL
     return h.hexdigest()[:32]
 
 
@@ -131,17 +145,25 @@ class WeightSync:
     """Pushes weights to a rollout WorkerGroup whose workers implement `load_weights(bucket)` and
     `reset_prefix_cache()` (RolloutWorker, HFRolloutWorker)."""
 
-    def __init__(self, bucket_mb: float = 64, timeout_s: float = 60,
-                 transport: Literal["object_store", "nccl"] = "object_store"):
+    transport = "object_store"
+
+    def __init__(self, bucket_mb: float = 64, timeout_s: float = 60):
         if bucket_mb <= 0:
             raise ValueError(f"weight_sync.bucket_mb must be > 0, got {bucket_mb}")
         if timeout_s <= 0:
             raise ValueError(f"weight_sync.timeout_s must be > 0, got {timeout_s}")
-        if transport not in ("object_store", "nccl"):
-            raise ValueError(f"weight_sync.transport must be object_store or nccl, got {transport!r}")
-        self.bucket_mb, self.timeout_s, self.transport = bucket_mb, timeout_s, transport
+        self.bucket_mb, self.timeout_s = bucket_mb, timeout_s
         self.pushes = 0
         self.last: list[BucketRef] | None = None
+
+    def push_actor(self, actor_group: "WorkerGroup", rollout_group: "WorkerGroup") -> dict:
+        """The actor's current weights (rank 0 puts the buckets; ZeRO-3 ranks gather with it) into every engine."""
+        t0 = time.monotonic()
+        refs = [r for r in actor_group.weight_refs(self.bucket_mb) if r is not None][0]
+        put_s = time.monotonic() - t0
+        m = self.push(refs, rollout_group)
+        # The whole push, the actor's gather and puts included (as the collective transport counts it).
+        return {**m, "weight_sync/sync_s": time.monotonic() - t0, "weight_sync/actor_put_s": put_s}
 
     def push(self, named_tensors_or_bucket_refs, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
         """Load the weights into every engine of `rollout_group` (or only `ranks`); return timing and size metrics.
@@ -157,9 +179,6 @@ class WeightSync:
             items = put_buckets(items, self.bucket_mb)
         if not items:
             raise WeightSyncError("weight sync: nothing to push (no tensors)")
-        if self.transport == "nccl":
-            raise WeightSyncError("weight sync: transport=nccl pushes from the actor's GPUs — use "
-                                  "NcclTransport(sender_group, rollout_group).push(bucket_mb) (GPU only)")
         deadline = t0 + self.timeout_s
         ranks = list(range(rollout_group.num_workers)) if ranks is None else list(ranks)
         # Every bucket goes to every engine at once; each engine loads its queue in order.
@@ -210,7 +229,7 @@ class WeightSync:
             "weight_sync/engines": len(ranks),
         }
 
-    def resync(self, rollout_group: "WorkerGroup", ranks: list[int] | None = None) -> dict:
+    def resync(self, rollout_group: "WorkerGroup", ranks: list[int] | None = None, actor_group=None) -> dict:
         """Push the last pushed buckets again to `ranks` (default: all), e.g. after a rollout engine
         restart: `call_with_restart(group.generate, ..., on_restart=lambda g, r: sync.resync(g, r))`."""
         if self.last is None:
@@ -218,83 +237,50 @@ class WeightSync:
         return self.push(self.last, rollout_group, ranks=ranks)
 
 
-class NcclTransport:
-    """GPU transport: the actor's rank 0 broadcasts each bucket over NCCL straight into the engines' GPUs.
+TRANSPORTS = ("object_store", "collective")
 
-    Same contract as `WeightSync.push` (bucketed, fused groups whole, per-engine checksums, one
-    timeout for the whole push, prefix cache reset after), but no bytes go through the object
-    store. The actor worker class must provide two broadcast methods built from the helpers below:
 
-        @register("broadcast")
-        def nccl_open(self, address, port, world_size):   # rank 0: nccl_sender(address, port, world_size)
-        @register("broadcast")
-        def nccl_send(self, bucket_mb):                   # rank 0: nccl_send_buckets(comm, named_tensors, bucket_mb)
+def resolve_transport(transport: str, gpu: bool) -> tuple[str, str]:
+    """(transport, backend) for `weight_sync.transport` (`auto`, `object_store` or `collective`).
 
-    and returns, from `nccl_send`, the list of (meta, checksum) per bucket it broadcast.
-    Written against vLLM's StatelessProcessGroup + PyNcclCommunicator; tested only under `gpu`.
+    `auto` is `collective` everywhere: over NCCL on GPUs it is the only transport that keeps the
+    bytes off the host, and over gloo on CPU it measured faster than the object store
+    (bench/rlhf.py, docs/operations.md). The backend is nccl when actor and engines are on GPUs, else gloo.
     """
+    if transport not in ("auto", *TRANSPORTS):
+        raise ValueError(f"weight_sync.transport must be auto, object_store or collective, got {transport!r}")
+    chosen = "collective" if transport == "auto" else transport
+    return chosen, ("nccl" if gpu else "gloo")
 
-    def __init__(self, actor_group: "WorkerGroup", rollout_group: "WorkerGroup", tp_size: int = 1,
-                 timeout_s: float = 120.0):
-        import ray
 
-        self.actor_group, self.rollout_group, self.timeout_s = actor_group, rollout_group, timeout_s
-        address, port = ray.get(actor_group.actors[0].address.remote())
-        world = 1 + rollout_group.num_workers * tp_size
-        engines = [rollout_group.actors[r].call.remote("nccl_init", (address, port, 1 + r * tp_size, world), {})
-                   for r in range(rollout_group.num_workers)]
-        actor_group.nccl_open(address, port, world, timeout_s=timeout_s)
-        ray.get(engines, timeout=timeout_s)
+def make_weight_sync(cfg, gpu: bool):
+    """The transport `cfg` (a WeightSyncConfig) asks for; `gpu`: actor and rollout engines are on GPUs."""
+    transport, backend = resolve_transport(cfg.transport, gpu)
+    if transport == "object_store":
+        return WeightSync(cfg.bucket_mb, cfg.timeout_s)
+    from llmray.rl.weight_collective import CollectiveSync
 
-    def push(self, bucket_mb: float = 64) -> dict:
-        import ray
+    return CollectiveSync(cfg.bucket_mb, cfg.timeout_s, backend)
 
-        t0 = time.monotonic()
-        plan = self.actor_group.nccl_plan(bucket_mb, dispatch="rank0", timeout_s=self.timeout_s)
-        sent = self.actor_group.nccl_send.submit(bucket_mb, timeout_s=self.timeout_s)
-        loads = [[g.call.remote("nccl_receive", (meta,), {}) for g in self.rollout_group.actors] for meta, _ in plan]
-        sent.result()
+
+def push_with_restart(sync, actor_group: "WorkerGroup", rollout_group: "WorkerGroup", max_restarts: int,
+                      on_restart=None) -> dict:
+    """`sync.push_actor(...)`; an engine that dies during the push is restarted (it comes back with
+    its starting weights) and the push is repeated to all engines, `max_restarts` times at most.
+    `on_restart(rank)` runs after each restart (the controller logs it)."""
+    from llmray.rl.worker_group import WorkerDiedError
+
+    attempt = 0
+    while True:
         try:
-            reports = ray.get([x for b in loads for x in b], timeout=max(1.0, t0 + self.timeout_s - time.monotonic()))
-        except ray.exceptions.GetTimeoutError:
-            raise WeightSyncError(f"NCCL weight sync to {self.rollout_group.role} timed out after "
-                                  f"{self.timeout_s:g}s") from None
-        n = self.rollout_group.num_workers
-        for i, (meta, digest) in enumerate(plan):
-            for r in range(n):
-                if reports[i * n + r]["checksum"] != digest:
-                    raise WeightSyncError(f"weight sync: checksum mismatch on {self.rollout_group.role} rank {r}, "
-                                          f"bucket {i}")
-        self.rollout_group.reset_prefix_cache(dispatch="broadcast", timeout_s=self.timeout_s)
-        return {"weight_sync/sync_s": time.monotonic() - t0, "weight_sync/buckets": len(plan),
-                "weight_sync/bytes": sum(r["bytes"] for r in reports[::n]), "weight_sync/engines": n}
-
-
-def nccl_sender(address: str, port: int, world_size: int):
-    """Rank 0 of the weight-broadcast group, on the actor's current GPU."""
-    import torch
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    pg = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world_size)
-    return PyNcclCommunicator(pg, device=torch.cuda.current_device())
-
-
-def nccl_plan(named_tensors, bucket_mb: float) -> list[tuple[list, str]]:
-    """Per bucket: ([(name, dtype, shape)], checksum) — what the engines need to receive it."""
-    return [([(n, str(t.dtype), list(t.shape)) for n, t in b["tensors"].items()], b["checksum"])
-            for b in make_buckets(named_tensors, bucket_mb, device=None)]
-
-
-def nccl_send_buckets(comm, named_tensors, bucket_mb: float) -> int:
-    """Broadcast every tensor, bucket by bucket, in the order of `nccl_plan`. Returns bytes sent."""
-    import torch
-
-    sent = 0
-    for b in make_buckets(named_tensors, bucket_mb, device=None):
-        for t in b["tensors"].values():
-            t = t.to("cuda", non_blocking=True)
-            comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            sent += t.numel() * t.element_size()
-    torch.cuda.synchronize()
-    return sent
+            return sync.push_actor(actor_group, rollout_group)
+        except (WeightSyncError, WorkerDiedError) as e:
+            dead = e.dead_ranks if isinstance(e, WeightSyncError) else e.ranks
+            if not dead or e.__class__ is WorkerDiedError and e.role != rollout_group.role \
+                    or attempt >= max_restarts:
+                raise
+            attempt += 1
+            for rank in dead:
+                rollout_group.restart(rank, cause=f"died during weight sync: {e}")
+                if on_restart is not None:
+                    on_restart(rank)

@@ -9,20 +9,19 @@ per-call timeouts, liveness checks and restart of a dead rank.
     group.reset_prefix_cache.on_rank(1)                # one rank only
     group.alive(); group.pids(); group.restart(1, cause="..."); group.shutdown()
 
-Each worker instance lives inside a small host actor. The host is created first; then rank 0
-reports its node IP and a free port, and every host sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT in its environment before it builds the worker, so a torch.distributed/DeepSpeed world
-can form inside the group (`init_process_group("gloo"|"nccl", init_method="env://")`).
+Each worker instance lives inside a small host actor. The host is created first; then rank 0 reports
+its node IP and a free port, every host its node, and every host sets RANK, WORLD_SIZE, LOCAL_RANK and
+LOCAL_WORLD_SIZE (Ray's: among the group's workers on its node), MASTER_ADDR, MASTER_PORT before it
+builds the worker, so a torch.distributed/DeepSpeed world can form inside the group.
 Liveness pings and pid queries run in a separate concurrency group, so they answer while a long
 call (generation, a training step) is running; worker methods still run one at a time.
 
-Worker methods named like a group attribute (`call`, `submit`, `alive`, `restart`, `shutdown`,
-`pids`, `role`, ...) are reached with `group.call("name", ...)` / `group.submit("name", ...)`.
+Worker methods named like a group attribute (`call`, `alive`, `restart`, `pids`, ...) are reached
+with `group.call("name", ...)` / `group.submit("name", ...)`.
 
-Errors: a call past its timeout raises `WorkerTimeoutError` (role, method, ranks, timeout); a dead
-actor raises `WorkerDiedError` (role, ranks) so the controller can `restart` it and retry — see
-`call_with_restart`; an exception inside the worker propagates with its own type, with a note
-naming role, rank and method.
+Errors: a call past its timeout raises `WorkerTimeoutError`; a dead actor `WorkerDiedError` (role, ranks)
+so the controller can `restart` it and retry (`call_with_restart`); an exception inside the worker
+propagates with its own type and a note naming role, rank and method.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from typing import Any, Callable
 
 from llmray.cluster import free_port
 from llmray.errors import UserError
+from llmray.placement import local_ranks
 from llmray.rl import dispatch as _dispatch
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class _Host:
 
     def ping(self) -> bool:
         return True
+
+    def node(self) -> dict[str, str]:  # where this rank runs (nodes.json)
+        import ray
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -166,10 +170,8 @@ class WorkerGroup:
         self._own_pg = placement_group is None
         if placement_group is None:
             from llmray.rl.groups import make_placement_group
-
             placement_group = make_placement_group([self.resources] * num_workers, timeout_s=start_timeout_s,
                                                    what=f"{role} worker group")
-            bundle_indices = list(range(num_workers))
         self.placement_group = placement_group
         self.bundle_indices = bundle_indices if bundle_indices is not None else list(range(num_workers))
         # Pings and pid answer from the `control` group while a long call runs in the default one.
@@ -177,9 +179,12 @@ class WorkerGroup:
         self.actors: list = [self._new_host(r) for r in range(num_workers)]
         try:
             master_addr, master_port = self._get(self.actors[0].address.remote(), "address", [0], 120.0)
+            nodes = self._wait("node", list(range(num_workers)), [a.node.remote() for a in self.actors],
+                               time.monotonic() + 120.0, 120.0)
+            local = local_ranks([n["node_id"] for n in nodes])  # Ray's local rank: among this group's, per node
             self._rank_env = [
-                {"RANK": str(r), "WORLD_SIZE": str(num_workers), "LOCAL_RANK": str(r),
-                 "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+                {"RANK": str(r), "WORLD_SIZE": str(num_workers), "LOCAL_RANK": str(local[r][0]),
+                 "LOCAL_WORLD_SIZE": str(local[r][1]), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
                 for r in range(num_workers)
             ]
             refs = [self._build(r) for r in range(num_workers)]

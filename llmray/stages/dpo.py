@@ -38,6 +38,8 @@ class DPOConfig(FineTuneConfig):
 
 
 Config = DPOConfig
+MEMORY_COPIES = 2
+"""Forward passes held at once: the chosen and the rejected sequence of each pair."""
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -61,7 +63,7 @@ def run(cfg: DPOConfig) -> dict:
     held = fit_to_workers(cfg, train, held, "pairs")
     expect = {"model_shape": to_dict(shape), "objective": "dpo"}
     check_resume(cfg, expect)
-    check_memory(cfg, shape, cfg.seq_len, copies=2)
+    check_memory(cfg, shape, cfg.seq_len, copies=MEMORY_COPIES)
 
     init_ray(cfg.ray)
     run_dir = Path(cfg.run_dir).resolve()

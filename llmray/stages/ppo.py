@@ -52,6 +52,11 @@ class Progress:
     eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
     final_eval: dict = field(default_factory=dict)
     prompt_filter: dict = field(default_factory=dict)
+    monitors: Any = None
+    """llmray.rl.monitors.Monitors: length drift, reward gain per KL, reward-hacking warnings."""
+    prompts_consumed: int = 0
+    """The prompt cursor: prompts drawn so far in the seeded order (dynamic sampling draws more than
+    algo.prompts_per_step in a step); checkpointed, so a resumed run continues where it stopped."""
 
 
 def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None = None) -> dict:
@@ -67,6 +72,7 @@ def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None
     from llmray.rl.checkpoint import kl_controller
     from llmray.rl.controller import Controller
     from llmray.rl.groups import RoleGroups, validate_models
+    from llmray.rl.monitors import Monitors
 
     if cfg.save_model and artifacts.is_complete(cfg.output, "model") and not cfg.force:
         log.info("%s is a complete model artifact; skipping (force=true to rerun)", cfg.output)
@@ -79,8 +85,8 @@ def run(cfg: RLConfig, on_step: Callable[["RoleGroups", int, dict], None] | None
 
     init_ray(cfg.ray)
     roles = RoleGroups(cfg, dirs)
-    controller = Controller(cfg, roles, inputs.tokenizer.pad_token_id)
-    progress = Progress(step=0, kl_ctl=kl_controller(cfg.algo))
+    controller = Controller(cfg, roles, inputs.tokenizer.pad_token_id, inputs.tokenizer)
+    progress = Progress(step=0, kl_ctl=kl_controller(cfg.algo), monitors=Monitors())
     model_dir = None
     try:
         roles.start()
@@ -115,8 +121,19 @@ def load_inputs(cfg: RLConfig, actor_dir: str) -> Inputs:
     ptx_ids = None
     if cfg.algo.ptx_coef > 0:
         ptx_ids = data.read_ptx(data.resolve_split(cfg.ptx_data, "sft"), tokenizer, limit)
-    return Inputs(tokenizer, records, data.tokenize_prompts(records, tokenizer, limit), eval_records,
-                  data.tokenize_prompts(eval_records, tokenizer, limit) if eval_records else [], ptx_ids)
+    return Inputs(tokenizer, records, data.tokenize_prompts(episode_starts(cfg, records), tokenizer, limit),
+                  eval_records,
+                  data.tokenize_prompts(episode_starts(cfg, eval_records), tokenizer, limit) if eval_records else [],
+                  ptx_ids)
+
+
+def episode_starts(cfg: RLConfig, records: list[dict]) -> list[dict]:
+    """The records with the prompt each episode starts from (`Env.reset`: a tool description first
+    when the environment offers tools)."""
+    from llmray.rl.env import make_env
+
+    tools = cfg.rollout.env == "calculator"
+    return [{**r, "prompt": make_env(r, tools=tools).reset(r["prompt"])} for r in records]
 
 
 def resume(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: Inputs, progress: Progress) -> None:
@@ -133,7 +150,7 @@ def resume(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs:
         inputs.records = [inputs.records[i] for i in keep]
         inputs.prompt_ids = [inputs.prompt_ids[i] for i in keep]
     if latest is not None:
-        progress.step, progress.kl_ctl = checkpoint.restore(roles, latest)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = checkpoint.restore(roles, latest)
         log.info("resumed from %s at step %d", latest, progress.step)
         controller.push_weights()
 
@@ -144,19 +161,23 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
     from llmray.report.metrics import MetricsLogger
     from llmray.rl import checkpoint
     from llmray.rl.data import PromptStream
+    from llmray.rl.pipeline import Prompts
     from llmray.rl.worker_group import WorkerDiedError
 
     stream = PromptStream(len(inputs.records), cfg.seed)
-    n = cfg.algo.prompts_per_step
+
+    def draw(k: int) -> Prompts:
+        start = progress.prompts_consumed
+        idx = stream.indices(start, k)
+        progress.prompts_consumed += k
+        return Prompts([inputs.prompt_ids[i] for i in idx], [inputs.records[i]["answer"] for i in idx], start)
+
     with MetricsLogger(Path(cfg.run_dir) / "metrics.jsonl") as logger:
         if progress.step == 0:
             maybe_evaluate(cfg, roles, inputs, progress, logger, 0)
         while progress.step < cfg.steps:
-            idx = stream.indices(progress.step * n, n)
             try:
-                metrics, seq_kl = controller.step(progress.step, [inputs.prompt_ids[i] for i in idx],
-                                                  [inputs.records[i]["answer"] for i in idx],
-                                                  progress.kl_ctl.value, inputs.ptx_ids)
+                metrics, seq_kl = controller.step(progress.step, draw, progress.kl_ctl.value, inputs.ptx_ids)
             except WorkerDiedError as e:
                 if not recover(cfg, roles, controller, progress, e):
                     raise
@@ -165,6 +186,7 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
             progress.step += 1
             step = progress.step
             metrics["faults/restarts"] = len(roles.restarts)
+            metrics.update(progress.monitors.on_step(step, metrics))
             logger.log(step, metrics)
             if on_step is not None:
                 on_step(roles, step, metrics)
@@ -173,8 +195,14 @@ def train(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: 
                      metrics["rollout/logprob_gap"], metrics["rollout/response_length"], metrics["time/step_s"])
             if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps:
                 checkpoint.save(roles, step, {"algorithm": cfg.algo.algorithm, "kl": progress.kl_ctl.state_dict(),
-                                              "prompts_consumed": step * n})
+                                              "prompts_consumed": trained_cursor(progress, controller)})
             maybe_evaluate(cfg, roles, inputs, progress, logger, step, final=step == cfg.steps)
+
+
+def trained_cursor(progress: Progress, controller: "Controller") -> int:
+    """The prompt cursor of what has been trained on: drawn prompts minus those of batches still
+    buffered (async mode), which a resumed run draws again."""
+    return progress.prompts_consumed - controller.pipeline.untrained_prompts()
 
 
 def recover(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", progress: Progress,
@@ -188,11 +216,12 @@ def recover(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", progre
         return False
     progress.trainer_restarts += 1
     roles.restart_trainers(f"{e.role} rank(s) {e.ranks} died at step {progress.step + 1}: {e}")
+    controller.pipeline.reset()
     latest = find_latest(checkpoint.root(roles))
     if latest is not None:
-        progress.step, progress.kl_ctl = checkpoint.restore(roles, latest)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = checkpoint.restore(roles, latest)
     else:
-        progress.step, progress.kl_ctl = 0, checkpoint.kl_controller(cfg.algo)
+        progress.step, progress.kl_ctl, progress.prompts_consumed = 0, checkpoint.kl_controller(cfg.algo), 0
     controller.push_weights()
     log.warning("resumed from %s at step %d after a %s failure", latest or "the start", progress.step, e.role)
     return True
@@ -212,6 +241,10 @@ def maybe_evaluate(cfg: RLConfig, roles: "RoleGroups", inputs: Inputs, progress:
                   cfg.eval_max_tokens, sampled_k=cfg.eval_sampled_k if final else 0)
     progress.eval_accuracy.append((at, ev["accuracy"]))
     sampled = {"eval/mean_at_k": ev["mean_at_k"]} if "mean_at_k" in ev else {}
+    warning = progress.monitors.on_eval(at, ev["accuracy"])
+    if warning:
+        log.warning("step %d: %s", at, warning)
+        sampled["monitor/hacking_warnings"] = len(progress.monitors.warnings)
     logger.log(at, {"eval/accuracy": ev["accuracy"], **sampled})
     log.info("step %d eval accuracy %.3f", at, ev["accuracy"])
     if final:
@@ -255,6 +288,7 @@ def result(cfg: RLConfig, roles: "RoleGroups", progress: Progress, inputs: Input
         "algorithm": cfg.algo.algorithm, "reward_first": reward_first, "reward_last": final.get("rollout/reward_mean"),
         "eval_accuracy": progress.eval_accuracy, "restarts": len(roles.restarts),
         "rollout_restarts": len(rollout_restarts), "trainer_restarts": progress.trainer_restarts,
+        "reward_hacking_warnings": list(progress.monitors.warnings),
         **task_scores(progress.final_eval, inputs.eval_records),
         **({f"prompt_filter_{k}": v for k, v in progress.prompt_filter.items()} if progress.prompt_filter else {}),
     }

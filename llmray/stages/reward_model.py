@@ -33,6 +33,8 @@ class RewardModelConfig(FineTuneConfig):
 
 
 Config = RewardModelConfig
+MEMORY_COPIES = 2
+"""Forward passes held at once: the chosen and the rejected sequence of each pair."""
 
 
 def run(cfg: RewardModelConfig) -> dict:
@@ -52,7 +54,7 @@ def run(cfg: RewardModelConfig) -> dict:
     held = fit_to_workers(cfg, train, held, "pairs")
     expect = {"model_shape": to_dict(shape), "head": "reward"}
     check_resume(cfg, expect)
-    check_memory(cfg, shape, cfg.seq_len, copies=2)
+    check_memory(cfg, shape, cfg.seq_len, copies=MEMORY_COPIES)
     init_ray(cfg.ray)
     run_dir = Path(cfg.run_dir).resolve()
     ds = small_dataset(write_rows(train, run_dir / "data" / "train.parquet"), keep)

@@ -63,6 +63,17 @@ def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
     return train_rows, eval_rows, stats
 
 
+def lora_trainable(shape, lora: LoRAConfig) -> int | None:
+    """Parameters LoRA trains (its adapters' A and B); None without LoRA (every parameter trains)."""
+    if not lora.enabled:
+        return None
+    h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
+    kv = h // shape.num_heads * shape.num_kv_heads
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return L * sum(lora.r * (a + b) for m, (a, b) in dims.items() if m in lora.target_modules)
+
+
 def run(cfg: SFTConfig) -> dict:
 
     from llmray.cluster import init_ray
@@ -78,13 +89,7 @@ def run(cfg: SFTConfig) -> dict:
                         f"({shape.max_position_embeddings} in {cfg.model})")
     train_rows, eval_rows, stats = build_rows(cfg, tok)
     eval_rows = fit_to_workers(cfg, train_rows, eval_rows)
-    trainable = None
-    if cfg.lora.enabled:
-        h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_layers
-        kv = h // shape.num_heads * shape.num_kv_heads
-        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        trainable = L * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
+    trainable = lora_trainable(shape, cfg.lora)
     expect = {"model_shape": to_dict(shape), "lora": to_dict(cfg.lora) if cfg.lora.enabled else None}
     check_resume(cfg, expect)
     check_memory(cfg, shape, cfg.seq_len, trainable)

@@ -69,7 +69,7 @@ class DPOTask(TrainTask):
     def evaluate(self, engine, rows):
         from llmray.train.loop import to_batch
 
-        return self.loss(engine, to_batch(rows))[1]
+        return self.loss(engine, to_batch(rows, engine.device))[1]
 
     def export(self, state_dict, out_dir: Path) -> None:
         from llmray.models.factory import save_pretrained

@@ -8,7 +8,7 @@ in the environment, or it runs alone (world 1; a one-process gloo group is creat
     engine = build_deepspeed_engine(model, ds, opt, total_steps=1000)
     loss = engine(input_ids=x, labels=x, use_cache=False).loss
     engine.backward(loss); gn = optimizer_step(engine)  # the optimizer runs at accumulation boundaries
-    state = gather_full_state_dict(engine)           # every rank must call it (a collective at ZeRO-3)
+    state = gather_full_state_dict(engine, rank0_only=True)  # every rank must call it (a collective at ZeRO-3)
 
 `build_deepspeed_engine(model, ds, None)` gives an inference-only engine (frozen roles such as `ref`), which at
 ZeRO-3 keeps parameters sharded.
@@ -66,8 +66,17 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        if shm_collectives and backend == "gloo":  # the host check below needs a process group
-            dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if backend == "nccl":
+            # NCCL binds to the device this worker computes on (llmray.device), not to cuda:LOCAL_RANK as
+            # DeepSpeed's own init would: an RL actor sees only the GPU Ray gave it, as cuda:0.
+            from llmray.device import worker_device
+
+            device = worker_device()
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", rank=rank, world_size=world, **({"device_id": device} if world > 1 else {}))
+        elif shm_collectives:  # the host check below needs a process group
+            dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
 
     t0 = time.monotonic()
@@ -120,41 +129,79 @@ def build_deepspeed_engine(
         model.config.use_cache = False
     config = ds_config(ds, opt or OptimizerConfig(), world, shm=shm_comm.active(), load_universal=load_universal)
     t0 = time.monotonic()
+    args = _device_args()
     if opt is None:
         config.pop("gradient_clipping", None)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = deepspeed.initialize(args=args, model=model, config=config)
         engine.eval()
     else:
         optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt, total_steps))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=config)
     log.info("deepspeed engine ready (ZeRO-%d, %s, world %d) in %.1fs", ds.zero_stage, ds.precision, world,
              time.monotonic() - t0)
     return engine
 
 
-def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
-    """The full (unsharded) state dict of the engine's module, on CPU, on every rank.
+def _device_args():
+    """`deepspeed.initialize(args=...)` that makes the engine (and the model it moves) use the device this
+    worker computes on. Without it DeepSpeed takes cuda:LOCAL_RANK, and LOCAL_RANK is the rank among the
+    node's workers, not an index into the GPUs Ray made visible to this process. None on the CPU."""
+    from types import SimpleNamespace
 
-    At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters`, a collective:
-    all ranks must call this together. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
+    from llmray.device import worker_device
+
+    device = worker_device()
+    return SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
+
+
+def gather_full_state_dict(engine, dtype: "torch.dtype | None" = None, rank0_only: bool = False,
+                           bucket_mb: float = 256) -> dict[str, "torch.Tensor"]:
+    """The full (unsharded) state dict of the engine's module, on CPU (with `rank0_only`: on rank 0,
+    an empty dict on the other ranks).
+
+    At ZeRO-3 the parameters are gathered with `deepspeed.zero.GatheredParameters` about `bucket_mb`
+    at a time, a collective: all ranks must call this together, and no rank holds more than one
+    bucket gathered beyond what it keeps. Tied weights (embed_tokens / lm_head) both appear, as HF expects.
     """
+    import torch
 
     module = engine.module if hasattr(engine, "module") else engine
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    keep = not rank0_only or rank == 0
     out: dict[str, torch.Tensor] = {}
 
-    def grab() -> None:
-        for k, v in module.state_dict().items():
-            t = v.detach().to("cpu", copy=True)
-            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    def grab(k: str, v) -> None:
+        t = v.detach().to("cpu", copy=True)
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
-        import deepspeed
+    if not getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+        for k, v in module.state_dict().items() if keep else ():
+            grab(k, v)
+        return out
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            grab()
-    else:
-        grab()
+    from llmray.rl.weight_sync import bucket_names
+
+    state = module.state_dict(keep_vars=True)  # key -> the live Parameter (a tied one under both keys)
+    keys_of: dict[int, list[str]] = {}
+    for k, v in state.items():
+        keys_of.setdefault(id(v), []).append(k)
+    params = dict(module.named_parameters())
+    sizes = [(n, p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size())
+             for n, p in params.items()]
+    done: set[int] = set()
+    for names in bucket_names(sizes, bucket_mb):
+        ps = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
+            for p in ps if keep else ():
+                done.add(id(p))
+                for k in keys_of.get(id(p), []):
+                    grab(k, p)
+    for k, v in state.items() if keep else ():  # buffers (never partitioned)
+        if id(v) not in done and k not in out:
+            grab(k, v)
     return out
 
 

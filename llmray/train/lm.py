@@ -105,7 +105,7 @@ class CausalLMTask(TrainTask):
     def evaluate(self, engine, rows):
         from llmray.train.loop import to_batch
 
-        b = to_batch(rows)
+        b = to_batch(rows, engine.device)
         loss, sums, _ = self.loss(engine, b)
         return sums
 

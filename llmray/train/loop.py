@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmray.device import to_device
 from llmray.train import checkpoint as ckpt
 from llmray.train import elastic, shards, shm_comm
 from llmray.train.deepspeed_config import DeepSpeedConfig, OptimizerConfig
@@ -98,8 +99,10 @@ def _to_tensor(col: "np.ndarray") -> "torch.Tensor":
     return t.long() if t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8) else t
 
 
-def to_batch(rows: dict[str, "np.ndarray"]) -> dict[str, "torch.Tensor"]:
-    return {k: _to_tensor(v) for k, v in rows.items()}
+def to_batch(rows: dict[str, "np.ndarray"], device: "torch.device | str | None" = None) -> dict[str, "torch.Tensor"]:
+    """Columns as tensors, on `device` when given (the engine's: `engine.device`, see llmray.device)."""
+    batch = {k: _to_tensor(v) for k, v in rows.items()}
+    return batch if device is None else to_device(batch, device)
 
 
 def rss_gb() -> float:
@@ -123,6 +126,7 @@ def _allreduce(values: list[float], op: str = "sum") -> list[float]:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point (`TorchTrainer(train_loop_per_worker=train_loop)`)."""
+    import ray
     import ray.train
     import torch
 
@@ -136,6 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
     run_dir = Path(spec.run_dir)
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    (run_dir / "pids" / f"rank{rank}.node").write_text(ray.get_runtime_context().get_node_id())
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     baseline_gb = rss_gb()
 
@@ -190,7 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
             ids = rows.pop(shards.ROW_ID)
             if record is not None:
                 record.write(json.dumps({"step": step + 1, "world": world, "row_ids": ids.tolist()}) + "\n")
-            local = to_batch(rows)
+            local = to_batch(rows, engine.device)
             if "input_ids" in local:
                 checksum += int(local["input_ids"].sum())
             loss, sums, ntok = spec.task.loss(engine, local)
@@ -262,10 +267,12 @@ def train_loop(config: dict[str, Any]) -> None:
         result.update(ev)
         if logger is not None:
             logger.log(step, ev)
-    state = gather_full_state_dict(engine, dtype=torch.float32)
+    state = gather_full_state_dict(engine, dtype=torch.float32, rank0_only=True)  # bucket by bucket at ZeRO-3
     if rank == 0:
         out = run_dir / "export"
         spec.task.export(state, out)
+        # Where each rank ran (Ray node ids by rank), from the files every rank wrote at start.
+        result["worker_nodes"] = [(run_dir / "pids" / f"rank{r}.node").read_text() for r in range(world)]
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         logger.close()
     ray.train.report({"done": 1, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})

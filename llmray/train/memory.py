@@ -116,27 +116,41 @@ def activations_bytes(shape: ModelShape, ds: DeepSpeedConfig, seq_len: int) -> f
     return layers + logits
 
 
-def check_budget(est: MemoryEstimate, budget_gb: float | None, ds: DeepSpeedConfig, num_workers: int) -> None:
-    """Refuse to start when the estimate exceeds the budget, naming the setting to change."""
+def check_budget(est: MemoryEstimate, budget_gb: float | None, ds: DeepSpeedConfig, num_workers: int,
+                 prefix: str = "", workers_key: str = "scaling.num_workers", budget_what: str | None = None) -> None:
+    """Refuse to start when the estimate exceeds the budget, naming the setting to change. `prefix` is
+    the DeepSpeed section's parent (`actor.` for the RL actor); `budget_what` says what the budget is
+    (default: `memory_budget_gb=<budget>`)."""
     if budget_gb is None or est.device_gb <= budget_gb:
         return
+    d = f"{prefix}deepspeed"
     hints = []
     if est.activations_gb > 0.3 * est.device_gb:
         if not ds.activation_checkpointing:
-            hints.append("deepspeed.activation_checkpointing=true")
+            hints.append(f"{d}.activation_checkpointing=true")
         if ds.micro_batch_size > 1:
-            hints.append(f"a smaller deepspeed.micro_batch_size (now {ds.micro_batch_size}; "
+            hints.append(f"a smaller {d}.micro_batch_size (now {ds.micro_batch_size}; "
                          f"raise grad_accum_steps to keep the batch)")
     if ds.zero_stage < 3:
-        hints.append(f"deepspeed.zero_stage={ds.zero_stage + 1}")
+        hints.append(f"{d}.zero_stage={ds.zero_stage + 1}")
     elif not ds.offload_optimizer:
-        hints.append("deepspeed.offload_optimizer=true")
+        hints.append(f"{d}.offload_optimizer=true")
     elif not ds.offload_params:
-        hints.append("deepspeed.offload_params=true")
+        hints.append(f"{d}.offload_params=true")
     if ds.precision == "fp32":
-        hints.append("deepspeed.precision=bf16")
-    hints.append(f"more workers (scaling.num_workers, now {num_workers})")
+        hints.append(f"{d}.precision=bf16")
+    hints.append(f"more workers ({workers_key}, now {num_workers})")
+    what = budget_what or f"memory_budget_gb={budget_gb:g}"
     raise UserError(
-        f"estimated memory per worker {est.device_gb:.2f} GB exceeds memory_budget_gb={budget_gb:g} "
+        f"estimated memory per worker {est.device_gb:.2f} GB exceeds {what} "
         f"({est.summary()}); change: " + ", or ".join(hints)
     )
+
+
+def inference_gb(shape: ModelShape, micro_batch_size: int, seq_len: int, bytes_per_param: int = 4,
+                 on_gpu: bool = False) -> float:
+    """A frozen model's forward pass without gradients (the RL ref and reward roles): its weights, one
+    layer's activations at a time and the fp32 logits, plus the runtime overhead."""
+    b, s, h = micro_batch_size, seq_len, shape.hidden_size
+    act = b * s * (4 * h + 2 * shape.intermediate_size) * 4 + b * s * shape.vocab_size * 4 * 2
+    return (shape.num_params() * bytes_per_param + act) / GB + (1.3 if on_gpu else 0.0)

@@ -64,7 +64,7 @@ class RewardTask(TrainTask):
     def evaluate(self, engine, rows):
         from llmray.train.loop import to_batch
 
-        return self.loss(engine, to_batch(rows))[1]
+        return self.loss(engine, to_batch(rows, engine.device))[1]
 
     def export(self, state_dict, out_dir: Path) -> None:
         from llmray.models.tokenizer import load_tokenizer

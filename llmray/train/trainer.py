@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmray.cluster import RayConfig
+from llmray.cluster import RayConfig, check_custom_resources
 from llmray.config import check
 from llmray.errors import UserError
 from llmray.train import checkpoint as ckpt
@@ -42,11 +42,15 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
     """torch intra-op threads per worker (OMP_NUM_THREADS); workers x threads <= cores avoids oversubscription."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker requests (Ray Train's resources_per_worker besides CPU/GPU), e.g.
+    {worker_node: 1} to place every worker on nodes started with that resource."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
         check(self.threads_per_worker >= 1, "scaling.threads_per_worker", "must be >= 1")
+        check_custom_resources(self.resources, "scaling.resources")
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,19 @@ def default_budget_gb(cfg: TrainRunConfig) -> float:
     return total / cfg.scaling.num_workers
 
 
+def estimate_memory(cfg: TrainRunConfig, shape, seq_len: int, trainable: int | None = None, copies: int = 1):
+    """Memory per worker of this run (`llmray plan` prints the same estimate)."""
+    from llmray.train import memory
+
+    return memory.estimate(shape, cfg.deepspeed, seq_len, cfg.scaling.num_workers, trainable,
+                           on_gpu=cfg.scaling.use_gpu, copies=copies)
+
+
 def check_memory(cfg: TrainRunConfig, shape, seq_len: int, trainable: int | None = None, copies: int = 1):
     """Print the estimate and refuse to start if it exceeds the budget (UserError naming the setting)."""
     from llmray.train import memory
 
-    est = memory.estimate(shape, cfg.deepspeed, seq_len, cfg.scaling.num_workers, trainable,
-                          on_gpu=cfg.scaling.use_gpu, copies=copies)
+    est = estimate_memory(cfg, shape, seq_len, trainable, copies)
     budget = cfg.memory_budget_gb or default_budget_gb(cfg)
     print(f"[llmray] memory estimate: {est.summary()} (budget {budget:.1f} GB)", flush=True)
     memory.check_budget(est, budget, cfg.deepspeed, cfg.scaling.num_workers)
@@ -227,9 +238,9 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
 
     init_ray(cfg.ray)
     sc = cfg.scaling
-    need = {"CPU": sc.cpus_per_worker * sc.num_workers + ingest_cpus}
-    if sc.use_gpu:
-        need["GPU"] = float(sc.num_workers)
+    per_worker = worker_resources(sc)
+    need = {k: v * sc.num_workers for k, v in per_worker.items()}
+    need["CPU"] += ingest_cpus
     what = f"{name} ({sc.num_workers} workers x {sc.cpus_per_worker:g} CPU" + (
         f" + {ingest_cpus:g} CPU to read the data)" if ingest_cpus else ")")
     require_resources(need, what, cfg.ray.resource_wait_s)
@@ -254,8 +265,7 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
             train_loop_config={"spec": spec, "env": env},
             torch_config=TorchConfig(backend=backend),
             scaling_config=RayScaling(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                      resources_per_worker={"CPU": sc.cpus_per_worker,
-                                                            **({"GPU": 1} if sc.use_gpu else {})}),
+                                      resources_per_worker=per_worker),
             run_config=RunConfig(
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),
@@ -277,6 +287,13 @@ def launch(cfg: TrainRunConfig, spec: "LoopSpec", dataset: "ray.data.Dataset", n
     result = json.loads(res_file.read_text())
     result["wall_time_s"] = round(wall, 2)
     return result
+
+
+def worker_resources(sc: ScalingConfig) -> dict[str, float]:
+    """Ray Train's `resources_per_worker`: the worker's CPUs, one GPU with use_gpu, and the custom
+    resources of `scaling.resources` (which pin workers to the nodes that offer them); `llmray plan`
+    places these very bundles."""
+    return {"CPU": sc.cpus_per_worker, **({"GPU": 1.0} if sc.use_gpu else {}), **sc.resources}
 
 
 def _without_placement_group_cleaner(trainer_cls: type) -> type:

@@ -8,7 +8,8 @@ For README.md and every docs/*.md, `check_docs` reports (doc, line, what, refere
   `*` match any name and need at least one match, `{a,b}` is expanded; a dotted module such as
   `llmray.serving.server` must be a module or package (attributes after the module are not checked);
 - a relative markdown link or image whose target does not exist (relative to the doc);
-- `llmray <stage>` (in code) where the registry has no such stage (`ls` is the CLI's own);
+- `llmray <stage>` (in code) where the registry has no such stage (`ls` and `plan` are the CLI's own; a
+  `plan` flag must be one of `cli.PLAN_FLAGS`);
 - a `--flag` after `llmray <stage>` or `python jobs/<stage>.py` that neither the CLI parser nor the
   stage's config accepts (`--x-y` is config key `x_y`, `cli.FLAG_ALIASES` maps `--from`/`--until`);
 - `make <target>` (in code) that the Makefile does not define.
@@ -193,6 +194,13 @@ def check_text(text: str, doc: str, repo: Repo, doc_dir: Path | None = None) -> 
         for m in _STAGE_CMD.finditer(line):
             stage = m.group(1)
             if stage in ("ls", "list"):
+                continue
+            if stage == "plan":  # the CLI's dry run: its own flags (cli.PLAN_FLAGS)
+                from llmray.cli import PLAN_FLAGS
+
+                for flag in _command_flags(line, m.end()):
+                    if flag not in PLAN_FLAGS and flag not in CLI_FLAGS:
+                        misses.append(Miss(doc, no, "no such flag", f"llmray plan --{flag}"))
                 continue
             if stage not in repo.stage_flags:
                 misses.append(Miss(doc, no, "no such stage", f"llmray {stage}"))

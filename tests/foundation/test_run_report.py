@@ -19,3 +19,17 @@ def test_report_separates_the_run_from_its_stages(tmp_path):
     assert any(r.startswith("| pretrain | ") for r in rows) and any(r.startswith("| sft | 900.0 | 0.355") for r in rows)
     assert not any(r.startswith(f"| {RUN_KEY} ") for r in rows)
     assert (tmp_path / "w" / "report" / "task_accuracy.png").stat().st_size > 0
+
+
+def test_report_shows_rl_restarts_and_monitor_warnings(tmp_path):
+    from llmray.report.run_report import write_report
+    from llmray.stages.pipeline import Paths
+
+    warning = ("possible reward hacking: training reward rose 0.217 -> 0.475 (steps 4 -> 8) while held-out "
+               "accuracy fell 0.310 -> 0.220")
+    results = {"ppo": {"steps": 8, "task_accuracy": 0.22, "restarts": 3, "rollout_restarts": 1,
+                       "trainer_restarts": 1, "reward_hacking_warnings": [warning]}}
+    text = write_report(Paths(tmp_path / "w"), results).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ppo | steps="))
+    assert "restarts=3" in row and "rollout_restarts=1" in row and "trainer_restarts=1" in row
+    assert f"- ppo: {warning}" in text

@@ -15,6 +15,7 @@ the test's client would then have to run inside it too).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -89,9 +90,11 @@ class NodeExited(RuntimeError):
 class LocalRayCluster:
     """Head + workers on 127.0.0.1 with token auth; `stop()` ends only the processes it started."""
 
-    def __init__(self, token: str | None = None, num_cpus: int = 1):
+    def __init__(self, token: str | None = None, num_cpus: int = 1, node_resources: list[dict] | None = None):
         self.token = token or secrets.token_hex(24)
         self.num_cpus = num_cpus
+        self.node_resources = node_resources or []
+        """Custom Ray resources per node, head first (what a role's `resources` pins it to)."""
         # Short root: Ray's unix socket paths live under --temp-dir and must stay < 108 chars.
         self.root = Path(tempfile.mkdtemp(prefix="llmray-ops-", dir="/tmp"))
         self.home = self.root / "home"
@@ -121,8 +124,10 @@ class LocalRayCluster:
                    RAY_agent_register_timeout_ms="120000")
         return env
 
-    def _start(self, args: list[str], name: str) -> None:
+    def _start(self, args: list[str], name: str, index: int = 0) -> None:
         nm, om, agent, agent_grpc, rt_agent, metrics = free_ports(6)
+        if index < len(self.node_resources):
+            args = [*args, f"--resources={json.dumps(self.node_resources[index])}"]
         cmd = [sys.executable, "-c", PATIENT_RAY_START, "start", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--object-store-memory=100000000",
                f"--temp-dir={self.root / ('ray-' + name.split('-')[0])}", "--disable-usage-stats",
@@ -136,16 +141,17 @@ class LocalRayCluster:
     def start(self, workers: int = 1) -> LocalRayCluster:
         self._start_retrying(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                               f"--dashboard-port={self.dashboard_port}",
-                              f"--ray-client-server-port={self.client_port}"], "head", 1)
+                              f"--ray-client-server-port={self.client_port}"], "head", 1, index=0)
         for i in range(workers):
-            self._start_retrying([f"--address=127.0.0.1:{self.gcs_port}"], f"worker{i}", 2 + i)
+            self._start_retrying([f"--address=127.0.0.1:{self.gcs_port}"], f"worker{i}", 2 + i, index=1 + i)
         return self
 
-    def _start_retrying(self, args: list[str], name: str, expect_nodes: int, attempts: int = 4) -> None:
+    def _start_retrying(self, args: list[str], name: str, expect_nodes: int, attempts: int = 4,
+                        index: int = 0) -> None:
         """`ray start` gives a raylet a fixed 30 s to register, which a loaded 2-core machine can
         miss: a node that exits during start-up is cleaned up and started again (bounded)."""
         for attempt in range(1, attempts + 1):
-            self._start(args, f"{name}-{attempt}")
+            self._start(args, f"{name}-{attempt}", index)
             try:
                 self.wait_nodes(expect_nodes)
                 return
@@ -226,10 +232,16 @@ class _quiet:
         return exc[0] in (ProcessLookupError, PermissionError, subprocess.TimeoutExpired)
 
 
+# Custom resources per node: `node_a` only on the head, `node_b` only on the worker, one `train_slot` on
+# each (a Ray Train worker asking for {train_slot: 1} gets a node to itself).
+NODE_RESOURCES = [{"node_a": 8, "train_slot": 1}, {"node_b": 8, "train_slot": 1}]
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    """Head + one worker, 1 CPU each, token auth on, dashboard on 127.0.0.1:<free port>."""
-    cluster = LocalRayCluster(num_cpus=1)
+    """Head + one worker, 2 logical CPUs each (the machine's 2 cores shared), custom resources
+    NODE_RESOURCES, token auth on, dashboard on 127.0.0.1:<free port>."""
+    cluster = LocalRayCluster(num_cpus=2, node_resources=NODE_RESOURCES)
     try:
         yield cluster.start(workers=1)
     finally:

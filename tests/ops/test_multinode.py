@@ -1,10 +1,13 @@
 """Jobs submitted through the Ray Jobs API to a real two-node cluster on this machine (token auth on):
-work runs on both nodes, stage jobs succeed with readable logs, auth is enforced, and bad input
-(missing config, resources no node has) ends in a clear error instead of a hang."""
+work runs on both nodes, stage jobs succeed with readable logs (data, pretraining with one Ray Train
+worker per node, GRPO with the rollout engine on the other node than the actor), auth is enforced,
+and bad input (missing config, resources no node has) ends in a clear error instead of a hang."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 import re
 import subprocess
 import time
@@ -60,7 +63,7 @@ def test_fan_out_runs_on_both_nodes(two_node_cluster, client, jobs):
     assert len(nodes) == 2
     assert set(report["task_nodes"]) == nodes, "tasks ran on both nodes"
     assert sum(report["tasks_per_node"].values()) == 6
-    assert report["cluster_resources"]["CPU"] == 2.0
+    assert report["cluster_resources"]["CPU"] == 4.0
 
 
 def test_data_job_succeeds_with_readable_logs(client, jobs):
@@ -112,6 +115,73 @@ def test_job_asking_for_gpus_reports_pending_resource_and_is_stopped(client, run
     time.sleep(3)
     status = str(getattr(client.get_job_status(job_id), "value", client.get_job_status(job_id)))
     assert status in ("PENDING", "STOPPED"), status
+
+
+# --- training and RL across the two nodes ---------------------------------------------------
+
+def _node_with(two_node_cluster, resource: str) -> str:
+    """The node id of the node started with custom resource `resource` (conftest.NODE_RESOURCES)."""
+    ids = [n["node_id"] for n in two_node_cluster.alive_nodes() if resource in n.get("resources_total", {})]
+    assert len(ids) == 1, f"one node offers {resource}: {two_node_cluster.alive_nodes()}"
+    return ids[0]
+
+
+def test_pretrain_job_runs_one_worker_per_node(two_node_cluster, client, runtime_env, tokenizer_dir, tmp_path):
+    """Ray Train + DeepSpeed across the two nodes: each worker asks for the one `train_slot` a node has.
+    (Placed after the jobs above have ended: a job ending while another runs can take the shared
+    working_dir package away from it.)"""
+    spec = importlib.util.spec_from_file_location("train_helpers", ROOT / "tests" / "train" / "helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    data = helpers.write_packed(tmp_path / "packed", tokenizer_dir, seq_len=64, n_rows=64, n_shards=2)
+    run_dir, out = tmp_path / "run", tmp_path / "model"
+    job_id = submit(client, (
+        f"python jobs/pretrain.py --config jobs/configs/pretrain/tiny_cpu.yaml dataset={data} run_dir={run_dir} "
+        f"output={out} max_steps=3 log_every=1 checkpoint.every_n_steps=100 ray.resource_wait_s=60 "
+        "'scaling.resources={train_slot: 1}'"), runtime_env=runtime_env)
+    run = wait(client, job_id, timeout_s=JOB_TIMEOUT_S)
+    assert run.ok, run.logs[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    nodes = {n["node_id"] for n in two_node_cluster.alive_nodes()}
+    assert len(result["worker_nodes"]) == 2 and set(result["worker_nodes"]) == nodes, "rank 0 and 1 on different nodes"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses), losses
+    from llmray import artifacts
+
+    assert artifacts.require(out, "model").metrics["worker_nodes"] == result["worker_nodes"]
+
+
+def test_grpo_run_puts_rollout_on_the_other_node(two_node_cluster, client, runtime_env, tiny_model_dir,
+                                                 tmp_path):
+    """GRPO (grpo_tiny_cpu.yaml, 2 tiny steps): actor pinned to the head (`node_a`), the vLLM rollout engine
+    to the worker node (`node_b`); weights cross nodes at every push."""
+    from llmray.data import tasks
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    rng = random.Random(5)
+    (prompts / "part-00000.jsonl").write_text("".join(
+        json.dumps(tasks.prompt_record(tasks.make_task(rng, kind))) + "\n" for kind in ("add", "sub", "max", "repeat")))
+    run_dir, out = tmp_path / "run", tmp_path / "model"
+    job_id = submit(client, (
+        f"python jobs/ppo.py --config jobs/configs/ppo/grpo_tiny_cpu.yaml model={tiny_model_dir} "
+        f"prompts={prompts} eval_prompts={prompts} output={out} run_dir={run_dir} steps=2 eval_every=-1 "
+        "algo.n_samples=4 algo.prompts_per_step=2 algo.minibatch_size=8 rollout.max_tokens=8 "
+        "rollout.max_model_len=128 rollout.kv_cache_gb=0.25 checkpoint.every_n_steps=100 ray.resource_wait_s=60 "
+        "'actor.resources={node_a: 1}' 'rollout.resources={node_b: 1}'"), runtime_env=runtime_env)
+    run = wait(client, job_id, timeout_s=JOB_TIMEOUT_S)
+    assert run.ok, run.logs[-3000:]
+    placed = json.loads((run_dir / "nodes.json").read_text())
+    head, worker = _node_with(two_node_cluster, "node_a"), _node_with(two_node_cluster, "node_b")
+    assert [r["node_id"] for r in placed["actor"]] == [head]
+    assert [r["node_id"] for r in placed["rollout"]] == [worker]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "rollout/reward_mean" in r]
+    assert len(steps) == 2, rows
+    from llmray import artifacts
+
+    assert artifacts.is_complete(out, "model") and (out / "config.json").is_file()
 
 
 # --- token auth ------------------------------------------------------------------------------

@@ -158,3 +158,91 @@ def test_entropy_and_token_logprobs():
     assert ent.tolist() == pytest.approx([math.log(4), 0.0], abs=1e-4)
     lp = L.token_logprobs(logits, torch.tensor([2, 0]))
     assert lp.tolist() == pytest.approx([-math.log(4), 0.0], abs=1e-4)
+
+
+def test_clip_higher_uses_the_upper_bound_only_for_ratios_above_one():
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.25]]))  # ratios 1.5, 0.5, 1.25
+    adv = torch.tensor([[1.0, -1.0, 1.0]])
+    m = torch.ones(1, 3)
+    loss, st = L.policy_loss(lp, old, adv, m, clip_eps=0.2, clip_eps_high=0.28)
+    # token0: min(1.5, 1.28) = 1.28; token1: min(-0.5, -0.8) = -0.8; token2: min(1.25, 1.25) = 1.25
+    assert loss.item() == pytest.approx(-(1.28 - 0.8 + 1.25) / 3, rel=1e-5)
+    assert st["clip_frac"].item() == pytest.approx(2 / 3)
+    same, _ = L.policy_loss(lp, old, adv, m, clip_eps=0.2, clip_eps_high=None)
+    assert same.item() == pytest.approx(-(1.2 - 0.8 + 1.2) / 3, rel=1e-5)
+
+
+def test_gspo_sequence_ratio_value_and_gradient():
+    old = torch.zeros(2, 3)
+    lp = torch.tensor([[0.3, -0.1, 0.0], [0.2, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    loss, _ = L.policy_loss(lp, old, adv, mask, clip_eps=0.5, ratio_level="sequence", loss_agg="seq_mean_token_mean")
+    s0, s1 = math.exp((0.3 - 0.1) / 2), math.exp(0.2)  # length-normalised sequence ratios 1.105, 1.221
+    # Inside the clip range: loss = -(s0 * 1 + s1 * -1) / 2 sequences.
+    assert loss.item() == pytest.approx(-(s0 - s1) / 2, rel=1e-5)
+    loss.backward()
+    # d/dlp_t of -(1/2) * s_i * A_i * (1/|y_i|) per real token (GSPO's gradient), 0 on padding.
+    expected = torch.tensor([[-s0 / 4, -s0 / 4, 0.0], [s1 / 2, 0.0, 0.0]])
+    assert torch.allclose(lp.grad, expected, atol=1e-6)
+
+
+def test_gspo_clips_the_whole_sequence():
+    old = torch.zeros(1, 2)
+    lp = torch.tensor([[0.2, 0.0]], requires_grad=True)  # s = exp(0.1) = 1.105 > 1 + 0.05
+    loss, st = L.policy_loss(lp, old, torch.ones(1, 2), torch.ones(1, 2), clip_eps=0.05,
+                             ratio_level="sequence", loss_agg="seq_mean_token_mean")
+    assert loss.item() == pytest.approx(-1.05, rel=1e-6)
+    assert st["clip_frac"].item() == 1.0
+    loss.backward()
+    assert lp.grad.abs().sum().item() == 0.0
+
+
+def test_loss_aggregations_by_hand():
+    per = torch.tensor([[1.0, 3.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert L.aggregate(per, mask, "token_mean").item() == pytest.approx((1 + 3 + 2) / 3)
+    assert L.aggregate(per, mask, "seq_mean_token_mean").item() == pytest.approx((2.0 + 2.0) / 2)
+    # Dr. GRPO: token sums over a constant length 4, then the mean over sequences.
+    assert L.aggregate(per, mask, "seq_mean_token_sum_norm", norm_len=4).item() == pytest.approx((4 / 4 + 2 / 4) / 2)
+    with pytest.raises(ValueError, match="norm_len"):
+        L.aggregate(per, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="token_mean"):
+        L.aggregate(per, mask, "mean")
+
+
+def test_dr_grpo_advantages_are_mean_centred_only():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    adv = A.group_advantages(scores, 4, normalize_std=False)
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.25, -0.75])
+
+
+def test_dynamic_sampling_keeps_groups_with_reward_spread():
+    from llmray.rl.algorithms import group_rows, informative_groups
+
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.2, 0.7])
+    assert informative_groups(scores, 2) == [1, 4]
+    assert group_rows([1, 4], 2) == [2, 3, 8, 9]
+    assert informative_groups(torch.zeros(6), 3) == []
+
+
+def test_variant_keys_are_checked_by_name():
+    from llmray.config import ConfigError
+    from llmray.rl.algorithms import AlgoConfig
+
+    with pytest.raises(ConfigError, match="algo.clip_eps_high"):
+        AlgoConfig(clip_eps_high=0.0)
+    with pytest.raises(ConfigError, match="algo.dynamic_sampling"):
+        AlgoConfig(algorithm="ppo", n_samples=1, dynamic_sampling=True, minibatch_size=8)
+    with pytest.raises(ConfigError, match="algo.max_sampling_rounds"):
+        AlgoConfig(algorithm="grpo", max_sampling_rounds=0)
+
+
+def test_refill_size_scales_by_keep_rate_and_engine_count():
+    from llmray.rl.controller import refill_size
+
+    assert refill_size(missing=2, kept=6, seen=8, engines=1) == 3  # keep rate 0.75 -> ceil(2 / 0.75)
+    assert refill_size(missing=2, kept=0, seen=8, engines=1) == 8  # rate floored at 1/4: at most 4x
+    assert refill_size(missing=3, kept=4, seen=8, engines=2) == 6  # ceil(3 / 0.5) = 6, a multiple of 2
+    assert refill_size(missing=1, kept=7, seen=8, engines=4) == 4

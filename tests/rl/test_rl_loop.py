@@ -102,10 +102,12 @@ def _check_five_roles(rows: list[dict], seen: dict) -> None:
     first, second = rows[0], rows[1]
     for key in ("rollout/reward_mean", "rollout/accuracy", "kl/seq_mean", "actor/policy_loss", "actor/clip_frac",
                 "actor/entropy", "critic/value_loss", "rollout/response_length", "rollout/logprob_gap",
-                "time/generation_s", "time/scoring_s", "time/training_s", "time/weight_sync_s"):
+                "time/generation_s", "time/scoring_s", "time/training_s", "time/weight_sync_s",
+                "monitor/length_drift", "monitor/reward_gain"):
         assert key in first, key
     assert first["rollout/logprob_gap"] < 1e-2 and second["rollout/logprob_gap"] < 1e-2  # fp32 vLLM vs fp32 actor
     assert abs(first["kl/seq_mean"]) < 1e-2 and second["kl/seq_mean"] != 0.0  # actor == ref until the first update
+    assert first["monitor/length_drift"] == 1.0 and first["monitor/reward_gain"] == 0.0  # the baseline itself
     assert first["actor/entropy"] > 0 and first["critic/value_loss"] > 0 and first["weight_sync/bytes"] > 0
     # ZeRO stage 0 (the actor's and critic's default): DeepSpeed records no norm there; ours does.
     assert first["actor/grad_norm"] > 0 and first["critic/grad_norm"] > 0
@@ -133,12 +135,14 @@ def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: li
 
 
 def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
+    """GRPO as DAPO runs it (dynamic sampling, clip-higher), with a rollout engine and then the actor
+    killed: the run finishes, resumes the prompt cursor from the checkpoint, and the reward rises."""
     from llmray.stages.ppo import run
 
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8", "algo.n_samples=8",
                        # one minibatch of the whole batch: the fused path (pi_old from the update's own pass)
                        "algo.prompts_per_step=8", "algo.minibatch_size=64", "actor.optimizer.lr=1e-3",
-                       "algo.kl_coef=0.01",
+                       "algo.kl_coef=0.01", "algo.dynamic_sampling=true", "algo.clip_eps_high=0.28",
                        "checkpoint.every_n_steps=2", "eval_every=-1")
     run_dir = Path(cfg.run_dir)
     killed: list = []
@@ -161,6 +165,8 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     assert {r["role"] for r in restarts} >= {"rollout", "actor+critic"}
     assert all(r["cause"] for r in restarts) and any("died" in r["cause"] for r in restarts)
     rows = _rows(run_dir)
+    # the default transport on CPU is the collective one (gloo), through both restarts
+    assert all(r["weight_sync/engine_wait_s"] >= 0 and r["weight_sync/bytes"] > 0 for r in rows)
     steps = [r["step"] for r in rows]
     # after the actor kill the run went back to the last complete checkpoint and continued to 8
     back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
@@ -170,6 +176,21 @@ def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, r
     r0, r1 = _rise(rows, "rollout/reward_mean")
     print(f"grpo with kills: reward {r0:.3f}->{r1:.3f}; killed {killed}")
     _expect_rise("grpo reward with kills", r0, r1, 0.03)
+    _check_dynamic_sampling(run_dir, rows, back, resumed_from)
+
+
+def _check_dynamic_sampling(run_dir: Path, rows: list[dict], back: int, resumed_from: int) -> None:
+    """Every trained batch had 8 groups (informative ones first, dropped ones only as filler), and the
+    checkpointed prompt cursor counts every prompt drawn, refills included: the steps up to the
+    checkpoint the run went back to, then the steps after it."""
+    for r in rows:
+        assert r["dynamic_sampling/kept_groups"] + r["dynamic_sampling/filled_groups"] == 8, r
+        assert r["dynamic_sampling/prompts_drawn"] >= 8
+        assert r["dynamic_sampling/filled_groups"] == 0 or r["dynamic_sampling/rounds"] == 4
+    drawn = [r["dynamic_sampling/prompts_drawn"] for r in rows[:back] if r["step"] <= resumed_from]
+    drawn += [r["dynamic_sampling/prompts_drawn"] for r in rows[back:]]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "COMPLETE.json").read_text())
+    assert meta["prompts_consumed"] == sum(drawn) > 64
 
 
 def _check_prompt_filter(cfg, out: dict) -> None:
@@ -199,3 +220,39 @@ def _check_resume(cfg) -> None:
     assert out["steps"] == 9
     assert filt.stat().st_mtime_ns == mtime and out["prompt_filter_kept"] == 8  # reused, not re-sampled
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, 10))  # steps 1-8 were not redone
+
+
+def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompts, tmp_path):
+    """Every role survives a kill (the rollout engine and the actor: the GRPO test above; a rollout
+    engine during a weight push: tests/rl_infra). The stateless ref and reward are restarted and their
+    call retried; the critic takes both training groups back to the last checkpoint, optimizer states
+    restored. The restarts are counted in the metrics and the result."""
+    from llmray.stages.ppo import run
+
+    cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=ppo", "steps=5",
+                       "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1")
+    run_dir = Path(cfg.run_dir)
+    killed: list = []
+    stop = threading.Event()
+
+    def chaos():
+        _kill_when(run_dir, "ref", 1, False, killed, stop)
+        _kill_when(run_dir, "reward", 2, False, killed, stop)
+        _kill_when(run_dir, "critic", 3, True, killed, stop)
+
+    t = threading.Thread(target=chaos, daemon=True)
+    t.start()
+    try:
+        out = run(cfg)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert [k[0] for k in killed] == ["ref", "reward", "critic"]
+    assert out["steps"] == 5 and out["trainer_restarts"] == 1 and out["restarts"] >= 3
+    restarts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert {r["role"] for r in restarts} >= {"ref", "reward", "actor+critic"}
+    rows = _rows(run_dir)
+    assert rows[-1]["step"] == 5 and rows[-1]["faults/restarts"] >= 3
+    steps = [r["step"] for r in rows]
+    back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[back] - 1 in (2, 4) and steps[back:] == list(range(steps[back], 6))  # resumed from a checkpoint

@@ -37,7 +37,7 @@ class Echo:
 
     @register("broadcast")
     def env(self) -> dict:
-        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LLMRAY_TEST")
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LLMRAY_TEST")
         return {k: os.environ.get(k) for k in keys} | {"tag": self.tag}
 
     @register("rank0")
@@ -92,6 +92,7 @@ def test_broadcast_rank0_and_rank_env(group):
     envs = group.env()
     assert [e["RANK"] for e in envs] == ["0", "1", "2"]
     assert {e["WORLD_SIZE"] for e in envs} == {"3"} and [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2"]
+    assert {e["LOCAL_WORLD_SIZE"] for e in envs} == {"3"}  # one node: Ray's local rank = rank here
     assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
     assert int(envs[0]["MASTER_PORT"]) > 0 and envs[0]["MASTER_ADDR"]
     assert {e["LLMRAY_TEST"] for e in envs} == {"yes"} and {e["tag"] for e in envs} == {"t"}

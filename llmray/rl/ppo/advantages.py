@@ -44,8 +44,11 @@ def whiten(x: "torch.Tensor", mask: "torch.Tensor", shift_mean: bool = True, eps
 
 
 def last_token_index(mask: "torch.Tensor") -> "torch.Tensor":
-    """Index of the last real token of each row (0 for an empty row)."""
-    return (mask.long().sum(-1) - 1).clamp(min=0)
+    """Index of the rightmost 1 of each row (0 for an empty row); masks may have holes (tool outputs
+    inside a multi-turn response)."""
+    m = mask.long()
+    idx = m.size(-1) - 1 - m.flip(-1).argmax(-1)
+    return idx * (m.sum(-1) > 0).long()
 
 
 def kl_shaped_rewards(

@@ -2,7 +2,9 @@
 
 It recomputes log-probs of the rollout tokens (pi_old, and the train-inference gap against
 vLLM's numbers), runs the PPO/GRPO/RLOO policy update over minibatches for several epochs, and
-hands out its full weights for the sync into the rollout engines.
+hands its weights to the rollout engines bucket by bucket (`weight_refs` for the object-store
+transport; `weight_join`/`weight_send` for the collective one), gathering ZeRO-3 parameters one bucket
+at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ class PolicyUpdate:
     minibatch_size: int = 8
     """Rows per optimizer step on each actor rank (DeepSpeed micro-batches of it are accumulated)."""
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    ratio_level: str = "token"
+    loss_agg: str = "token_mean"
+    norm_len: int | None = None
+    """Response cap for loss_agg seq_mean_token_sum_norm (rollout.max_tokens)."""
     entropy_coef: float = 0.0
     kl_loss_coef: float = 0.0
     """GRPO's KL-to-ref as a loss term (k3), when the KL is not in the reward."""
@@ -52,6 +59,7 @@ class ActorWorker:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         opt = build(OptimizerConfig, optimizer, "actor.optimizer")
         self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
+        self.device = self.engine.device  # the role's GPU (llmray.device), or the CPU
         self.micro_batch_size = ds.micro_batch_size
         self.temperature = temperature
         self.model_dir = model_dir
@@ -65,9 +73,10 @@ class ActorWorker:
 
         self.engine.module.eval()
         with torch.no_grad():
-                parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
-                     for mb in batch.chunks(self.micro_batch_size)]
-        return batch.replace(logprobs=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+            parts = [response_logprobs(self.engine.module, mb, temperature=self.temperature)
+                     for mb in batch.to(self.device).chunks(self.micro_batch_size)]
+        # Results go back on the CPU: the batch crosses processes.
+        return batch.replace(logprobs=torch.cat(parts, 0).cpu() if parts else torch.zeros_like(batch.response_mask))
 
     @register("split")
     def update(self, batch: RLBatch, spec: dict, ptx_ids=None) -> dict:
@@ -84,6 +93,7 @@ class ActorWorker:
         if batch.advantages is None or (batch.logprobs is None and not u.on_policy):
             raise ValueError("actor.update needs advantages and logprobs in the batch")
         start = time.monotonic()
+        batch = batch.to(self.device)
         self.engine.module.train()
         sums: dict[str, float] = {}
         norms: list[float] = []
@@ -94,7 +104,7 @@ class ActorWorker:
             micro = [(k, m) for k, mbatch in enumerate(minibatches) for m in mbatch.chunks(self.micro_batch_size)]
             for k, mb in micro:
                 lp, ent = response_logprobs(self.engine.module, mb, with_entropy=True, temperature=u.temperature)
-                mask = mb.response_mask
+                mask = mb.train_mask
                 if u.on_policy:
                     mb = mb.replace(logprobs=lp.detach())
                     if mb.rollout_logprobs is not None:
@@ -103,7 +113,9 @@ class ActorWorker:
                 weights = None
                 if u.tis_cap is not None and mb.rollout_logprobs is not None:
                     weights = tis_weights(mb.logprobs, mb.rollout_logprobs, u.tis_cap)
-                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights)
+                pg_loss, st = policy_loss(lp, mb.logprobs, mb.advantages, mask, u.clip_eps, weights,
+                                          clip_eps_high=u.clip_eps_high, ratio_level=u.ratio_level,
+                                          loss_agg=u.loss_agg, norm_len=u.norm_len)
                 entropy = masked_mean(ent, mask)
                 loss = pg_loss - u.entropy_coef * entropy
                 kl_loss = torch.zeros(())
@@ -137,26 +149,99 @@ class ActorWorker:
 
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(ptx_ids.size(0), generator=g)[: self.micro_batch_size]
-        ids = ptx_ids[idx]
+        ids = ptx_ids[idx].to(self.device)
         pad = self.engine.module.config.pad_token_id
         labels = ids.masked_fill(ids == pad, -100)
         out = self.engine.module(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels, use_cache=False)
         return out.loss
 
+    # -- weights out: sync into the rollout engines, export -----------------------------------
+    def _named_params(self) -> list:
+        """(name, parameter) in HF naming; a tied lm_head is left out (vLLM loads the embedding once)."""
+        module = self.engine.module
+        tied = getattr(module.config, "tie_word_embeddings", False)
+        return [(n, p) for n, p in module.named_parameters() if not (tied and n == "lm_head.weight")]
+
+    def _gathered_buckets(self, plan: list):
+        """Per planned bucket, its full tensors on rank 0 (None on the other ranks), gathered one bucket
+        at a time: at ZeRO-3 every rank takes part in each bucket's gather (a collective), so all ranks
+        must iterate the whole plan, and no rank ever holds more than one bucket of gathered weights."""
+        from contextlib import nullcontext
+
+        params = dict(self._named_params())
+        zero3 = self.engine.zero_optimization_partition_weights()
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        for bucket in plan:
+            ps = [params[name] for name, *_ in bucket]
+            if zero3:
+                import deepspeed
+
+                ctx = deepspeed.zero.GatheredParameters(ps, modifier_rank=None)
+            else:
+                ctx = nullcontext()
+            with ctx:
+                yield [(name, p.detach()) for (name, *_), p in zip(bucket, ps)] if rank0 else None
+
+    @register("rank0")
+    def weight_plan(self, bucket_mb: float) -> list:
+        """The sync buckets' [[name, dtype, shape], ...], from the (possibly sharded) parameters' metadata."""
+        from llmray.rl.weight_collective import plan_buckets
+
+        return plan_buckets([(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape)), p.element_size())
+                             for n, p in self._named_params()], bucket_mb)
+
     @register("broadcast")
     def weight_refs(self, bucket_mb: float = 64) -> list | None:
-        """Full weights (gathered under ZeRO-3: every rank takes part) put in the object store as
-        sync buckets by rank 0; the controller pushes the refs to the rollout engines."""
-        from llmray.rl.weight_sync import put_buckets
-        from llmray.train.engine import gather_full_state_dict
+        """Object-store transport: the weights put in the object store as sync buckets by rank 0, one
+        bucket gathered at a time (every rank takes part under ZeRO-3)."""
+        import ray
 
-        sd = gather_full_state_dict(self.engine)
+        from llmray.rl.weight_sync import BucketRef, bucket_dict
+
+        out = []
+        for named in self._gathered_buckets(self.weight_plan(bucket_mb)):
+            if named is not None:
+                b = bucket_dict([(n, t.to("cpu", copy=True)) for n, t in named])
+                out.append(BucketRef(ray.put(b), b["checksum"], b["bytes"], tuple(b["tensors"])))
+        return out if int(os.environ.get("RANK", "0")) == 0 else None
+
+    @register("rank0")
+    def weight_join(self, rank: int, host: str, port: int, world_size: int, backend: str, timeout_s: float,
+                    name: str) -> int:
+        """Collective transport: open the weight-broadcast group as its sender (rank 0, hosting the store)."""
+        from llmray.rl.weight_collective import WeightGroup
+
+        self.weight_leave()
+        self._weight_group = WeightGroup(host, port, rank, world_size, backend, timeout_s, name)
+        return rank
+
+    @register("broadcast")
+    def weight_send(self, plan: list) -> list[str] | None:
+        """Collective transport: broadcast every planned bucket (rank 0); checksums as sent. Every rank
+        takes part in the gathers, also after a failed send, so the DeepSpeed world stays in step."""
+        from llmray.rl.weight_collective import send_buckets
+
+        buckets = self._gathered_buckets(plan)
+        group = getattr(self, "_weight_group", None)
         if int(os.environ.get("RANK", "0")) != 0:
+            for _ in buckets:
+                pass
             return None
-        # lm_head is tied to embed_tokens here; vLLM loads the embedding once.
-        if getattr(self.engine.module.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        return put_buckets(sd.items(), bucket_mb)
+        try:
+            if group is None:
+                raise RuntimeError("actor rank 0 is in no weight-broadcast group (weight_join first)")
+            return send_buckets(group, plan, buckets)
+        except BaseException:
+            for _ in buckets:
+                pass
+            self.weight_leave()
+            raise
+
+    @register("broadcast")
+    def weight_leave(self) -> None:
+        group, self._weight_group = getattr(self, "_weight_group", None), None
+        if group is not None:
+            group.close()
 
     @register("broadcast")
     def save_checkpoint(self, directory: str) -> str:
@@ -170,15 +255,22 @@ class ActorWorker:
 
         return load_engine(self.engine, directory, "actor")
 
-    @register("rank0")
-    def save_hf(self, out_dir: str) -> str:
-        """Save the current policy as a Hugging Face dir (config, safetensors, tokenizer)."""
+    @register("broadcast")
+    def save_hf(self, out_dir: str, bucket_mb: float = 256) -> str | None:
+        """Save the current policy as a Hugging Face dir (config, safetensors, tokenizer) from rank 0.
+        Every rank takes part (ZeRO-3 gathers one bucket at a time); only rank 0 accumulates the state."""
         import shutil
 
-        from llmray.train.engine import gather_full_state_dict
-
-        sd = gather_full_state_dict(self.engine)
-        self.engine.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        sd = {}
+        for named in self._gathered_buckets(self.weight_plan(bucket_mb)):
+            if named is not None:
+                sd.update((n, t.to("cpu", copy=True)) for n, t in named)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None
+        module = self.engine.module
+        if getattr(module.config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in sd:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         for f in os.listdir(self.model_dir):
             if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
                 shutil.copy(os.path.join(self.model_dir, f), out_dir)
@@ -194,7 +286,7 @@ class ActorWorker:
         out = []
         with torch.no_grad():
             for p in prompt_ids:
-                ids = m.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
+                ids = m.generate(torch.tensor([p], device=self.device), max_new_tokens=max_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=m.config.pad_token_id)
                 out.append(ids[0, len(p):].tolist())
         return out

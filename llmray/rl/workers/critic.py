@@ -27,6 +27,7 @@ class CriticWorker:
         self.micro_batch_size = ds.micro_batch_size
         opt = build(OptimizerConfig, optimizer, "critic.optimizer")
         self.engine = build_deepspeed_engine(model, ds, opt, total_steps)
+        self.device = self.engine.device  # the role's GPU (llmray.device), or the CPU
 
     @register("split")
     def values(self, batch: RLBatch) -> RLBatch:
@@ -36,8 +37,9 @@ class CriticWorker:
 
         self.engine.module.eval()
         with torch.no_grad():
-            parts = [response_values(self.engine.module, mb) for mb in batch.chunks(self.micro_batch_size)]
-        return batch.replace(values=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+            parts = [response_values(self.engine.module, mb)
+                     for mb in batch.to(self.device).chunks(self.micro_batch_size)]
+        return batch.replace(values=torch.cat(parts, 0).cpu() if parts else torch.zeros_like(batch.response_mask))
 
     @register("split")
     def update(self, batch: RLBatch, epochs: int, minibatch_size: int, clip_range: float | None, seed: int = 0) -> dict:
@@ -48,6 +50,7 @@ class CriticWorker:
         if batch.returns is None or batch.values is None:
             raise ValueError("critic.update needs returns and values in the batch")
         start = time.monotonic()
+        batch = batch.to(self.device)
         self.engine.module.train()
         sums = {"value_loss": 0.0, "value_clip_frac": 0.0}
         norms: list[float] = []
@@ -57,7 +60,7 @@ class CriticWorker:
             minibatches = batch.minibatches(minibatch_size, seed=seed * 1000 + epoch * 17 + rank)
             for mb in [m for mbatch in minibatches for m in mbatch.chunks(self.micro_batch_size)]:
                 v = response_values(self.engine.module, mb)
-                loss, st = value_loss(v, mb.values, mb.returns, mb.response_mask, clip_range)
+                loss, st = value_loss(v, mb.values, mb.returns, mb.train_mask, clip_range)
                 self.engine.backward(loss)
                 gn = optimizer_step(self.engine)
                 if gn is not None:

@@ -11,8 +11,11 @@ class RefWorker:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from llmray.device import worker_device
+
         torch.set_grad_enabled(False)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = worker_device()  # the GPU Ray gave this actor (ref.gpus_per_worker), or the CPU
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.temperature = temperature
@@ -26,8 +29,8 @@ class RefWorker:
 
         with torch.no_grad():
             parts = [response_logprobs(self.model, mb, temperature=self.temperature)
-                     for mb in batch.chunks(self.micro_batch_size)]
-        return batch.replace(ref_logprobs=torch.cat(parts, 0) if parts else torch.zeros_like(batch.response_mask))
+                     for mb in batch.to(self.device).chunks(self.micro_batch_size)]
+        return batch.replace(ref_logprobs=torch.cat(parts, 0).cpu() if parts else torch.zeros_like(batch.response_mask))
 
     @register("rank0")
     def ping(self) -> int:

@@ -1,7 +1,8 @@
 """Reward role: a learned reward model, the rule-based task reward, or both combined.
 
-The rule reward is `llmray.data.tasks.reward(answer, response)` (1 right, 0.1 well-formed but
-wrong, 0 otherwise). The learned one is a `LlamaForSequenceClassification(num_labels=1)` dir,
+The rule reward is the episode's environment reward (`llmray.rl.env`; for the task environment
+`llmray.data.tasks.reward(answer, response)`: 1 right, 0.1 well-formed but wrong, 0 otherwise).
+The learned one is a `LlamaForSequenceClassification(num_labels=1)` dir,
 scored at the last real token of prompt + response.
 """
 
@@ -23,8 +24,12 @@ class RewardWorker:
             import torch
             from transformers import AutoModelForSequenceClassification
 
+            from llmray.device import worker_device
+
             torch.set_grad_enabled(False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+            self.device = worker_device()  # the GPU Ray gave this actor (reward.gpus_per_worker), or the CPU
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=torch.float32).eval().to(self.device)
 
     @register("split")
     def score(self, batch: RLBatch) -> RLBatch:
@@ -34,7 +39,9 @@ class RewardWorker:
 
         total = torch.zeros(len(batch))
         if self.kind in ("rule", "both"):
-            rule = torch.tensor([reward(a, t) for a, t in zip(batch.answers, batch.texts)])
+            # The environment's reward when the rollouts ran episodes (llmray.rl.env), else the task rule.
+            rule = (batch.env_rewards if batch.env_rewards is not None
+                    else torch.tensor([reward(a, t) for a, t in zip(batch.answers, batch.texts)]))
             total += self.rule_weight * rule
         if self.model is not None:
             total += self.model_weight * self._model_scores(batch)
@@ -46,15 +53,15 @@ class RewardWorker:
 
         out = []
         with torch.no_grad():
-            for mb in batch.chunks(self.micro_batch_size):
+            for mb in batch.to(self.device).chunks(self.micro_batch_size):
                 am = mb.attention_mask
                 h = self.model.model(input_ids=mb.input_ids, attention_mask=am, position_ids=mb.position_ids,
                                      use_cache=False).last_hidden_state
                 logits = self.model.score(h).squeeze(-1)  # (b, L)
                 # last real token: rightmost position of the attention mask
                 last = am.size(1) - 1 - am.flip(-1).argmax(-1)
-                out.append(logits[torch.arange(logits.size(0)), last])
-        return torch.cat(out).float() if out else torch.zeros(0)
+                out.append(logits[torch.arange(logits.size(0), device=logits.device), last])
+        return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
     @register("rank0")
     def ping(self) -> int:

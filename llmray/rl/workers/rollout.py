@@ -82,6 +82,23 @@ def _resolve(bucket: Any) -> dict:
     return ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
 
 
+def rollout_engine(model_dir: str, max_model_len: int = 512, dtype: str = "auto", seed: int = 0,
+                   enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
+                   gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs", in_process: bool = True,
+                   max_num_seqs: int = 256, **_worker_only) -> tuple:
+    """(EngineConfig, extra `vllm.LLM` kwargs) of a rollout engine built with these init kwargs; pure, so
+    that `llmray plan` prints the engine arguments the worker will use."""
+    from llmray.vllm_engine import EngineConfig
+
+    # The engine in this process (`engine_core`): killing this actor's process kills the engine with it.
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+                       enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization,
+                       worker_process="engine_core" if in_process else "separate")
+    return cfg, {"worker_extension_cls": "llmray.rl.vllm_ext.WeightLoader", "logprobs_mode": logprobs_mode,
+                 "enable_prefix_caching": True}
+
+
 class RolloutWorker:
     """One vLLM engine (`vllm.LLM`) in this process: generation with per-token logprobs, in-place weight loads."""
 
@@ -89,7 +106,7 @@ class RolloutWorker:
                  enforce_eager: bool = True, kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, logprobs_mode: str = "raw_logprobs",
                  in_process: bool = True, max_num_seqs: int = 256, cpu_threads_bind: str | None = "nobind"):
-        from llmray.vllm_engine import EngineConfig, build_llm
+        from llmray.vllm_engine import build_llm
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise UserError(f"rollout.model_dir: {model_dir} has no config.json (not a Hugging Face model dir)")
@@ -98,16 +115,13 @@ class RolloutWorker:
         # actors of that node (57 vs 32 tok/s on a busy 2-core box). Or "0-3" etc.
         if cpu_threads_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
-        # The engine in this process (`engine_core`): killing this actor's process kills the engine with it.
-        cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
-                           enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb,
-                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                           worker_process="engine_core" if in_process else "separate")
+        cfg, extra = rollout_engine(model_dir, max_model_len, dtype, seed, enforce_eager, kv_cache_gb,
+                                    tensor_parallel_size, gpu_memory_utilization, logprobs_mode, in_process,
+                                    max_num_seqs)
         t0 = time.monotonic()
         self.model_dir, self.max_model_len = model_dir, max_model_len
         try:
-            self.llm = build_llm(model_dir, cfg, worker_extension_cls="llmray.rl.vllm_ext.WeightLoader",
-                                 logprobs_mode=logprobs_mode, enable_prefix_caching=True)
+            self.llm = build_llm(model_dir, cfg, **extra)
         except Exception as e:  # noqa: BLE001 - the engine's own error, with the model named
             raise UserError(f"rollout engine failed to start on {model_dir}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
@@ -164,18 +178,28 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
-    # GPU transport: join the actor's NCCL broadcast group, then receive buckets by metadata.
+    # Collective transport: the engine's model workers join the actor's broadcast group themselves
+    # (in this process on CPU, in vLLM's worker processes on GPU); only the plan crosses collective_rpc.
     @register("broadcast")
-    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
-        """`rank_offset` is this engine's first rank in the group (the sender is rank 0)."""
-        return self.llm.collective_rpc("llmray_nccl_init", args=(master_address, master_port, rank_offset, world_size))
+    def weight_join(self, rank_offset: int, host: str, port: int, world_size: int, backend: str,
+                    timeout_s: float, name: str) -> list[int]:
+        """`rank_offset`: this engine's first rank in the group (the sender is rank 0)."""
+        return self.llm.collective_rpc("llmray_weight_join",
+                                       args=(rank_offset, host, port, world_size, backend, timeout_s, name))
 
     @register("broadcast")
-    def nccl_receive(self, meta: list) -> dict:
-        reports = self.llm.collective_rpc("llmray_nccl_receive", args=(meta,))
-        sums = {r["checksum"] for r in reports}
-        return {"checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}",
-                "num_tensors": reports[0]["num_tensors"], "bytes": reports[0]["bytes"]}
+    def weight_receive(self, plan: list) -> list[dict]:
+        """Per bucket: the checksum all tensor-parallel workers agree on (else `inconsistent:...`)."""
+        per_worker = self.llm.collective_rpc("llmray_weight_receive", args=(plan,))
+        out = []
+        for b in zip(*per_worker):
+            sums = {r["checksum"] for r in b}
+            out.append({**b[0], "checksum": sums.pop() if len(sums) == 1 else f"inconsistent:{sorted(sums)}"})
+        return out
+
+    @register("broadcast")
+    def weight_leave(self) -> None:
+        self.llm.collective_rpc("llmray_weight_leave")
 
     @register("rank0")
     def tokenizer_info(self) -> dict:
@@ -203,7 +227,10 @@ class HFRolloutWorker:
         self.model_dir, self.max_model_len, self.batch_size, self.seed = model_dir, max_model_len, batch_size, seed
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                        "auto": torch.float32}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        from llmray.device import worker_device
+
+        self.device = worker_device()  # the GPU Ray gave this actor (rollout.gpus_per_worker), or the CPU
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
@@ -234,7 +261,7 @@ class HFRolloutWorker:
         stops = ([] if s["ignore_eos"] else [self.eos_id]) + s["stop_token_ids"]
         greedy = float(s["temperature"]) == 0.0
         gen: dict[str, Any] = dict(
-            input_ids=ids, attention_mask=mask, max_new_tokens=int(s["max_tokens"]),
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=int(s["max_tokens"]),
             min_new_tokens=int(s["min_tokens"]) or None, num_return_sequences=n, do_sample=not greedy,
             pad_token_id=self.pad_id, eos_token_id=stops or None, return_dict_in_generate=True,
             output_logits=True, use_cache=True,
@@ -250,7 +277,8 @@ class HFRolloutWorker:
             out = self.model.generate(**gen)
         new = out.sequences[:, width:]                               # (B*n, T)
         logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # raw distribution, (B*n, T, V)
-        tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        tok_lp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()  # results leave on the CPU
+        new = new.cpu()
         results = []
         for row in range(new.shape[0]):
             toks = new[row].tolist()
@@ -279,17 +307,45 @@ class HFRolloutWorker:
 
         tensors = _resolve(bucket)["tensors"]
         digest = checksum(tensors.items())
-        own = dict(self.model.named_parameters())
-        unknown = sorted(set(tensors) - set(own))
-        if unknown:
-            raise UserError(f"weight bucket has tensors this model does not have: {unknown[:5]}")
-        import torch
-
-        with torch.no_grad():
-            for name, t in tensors.items():
-                own[name].copy_(t.to(own[name].dtype))
+        self._load_named(list(tensors.items()))
         return {"checksum": digest, "num_tensors": len(tensors),
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+    def _load_named(self, named) -> None:
+        import torch
+
+        own = dict(self.model.named_parameters())
+        unknown = sorted(n for n, _ in named if n not in own)
+        if unknown:
+            raise UserError(f"weight bucket has tensors this model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for name, t in named:
+                own[name].copy_(t.to(own[name].dtype))
+
+    @register("broadcast")
+    def weight_join(self, rank_offset: int, host: str, port: int, world_size: int, backend: str,
+                    timeout_s: float, name: str) -> list[int]:
+        from llmray.rl.weight_collective import WeightGroup
+
+        self.weight_leave()
+        self._weight_group = WeightGroup(host, port, rank_offset, world_size, backend, timeout_s, name)
+        return [rank_offset]
+
+    @register("broadcast")
+    def weight_receive(self, plan: list) -> list[dict]:
+        from llmray.rl.weight_collective import receive_buckets
+
+        try:
+            return receive_buckets(self._weight_group, plan, self._load_named)
+        except BaseException:
+            self.weight_leave()
+            raise
+
+    @register("broadcast")
+    def weight_leave(self) -> None:
+        group, self._weight_group = getattr(self, "_weight_group", None), None
+        if group is not None:
+            group.close()
 
     @register("broadcast")
     def reset_prefix_cache(self) -> None:
