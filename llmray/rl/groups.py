@@ -279,20 +279,12 @@ class RoleGroups:
         """`run_dir`/workers.json: role -> worker process ids (what an operator or a chaos test kills);
         `run_dir`/nodes.json: role -> [{node_id, node_ip} by rank] (where each worker runs)."""
         pids = {role: g.pids() for role, g in self.groups.items()}
-        nodes = {role: self.nodes(g) for role, g in self.groups.items()}
+        nodes = {role: g.nodes() for role, g in self.groups.items()}
         for name, data in (("workers.json", pids), ("nodes.json", nodes)):
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self.out / name)
         return pids
-
-    @staticmethod
-    def nodes(group) -> list[dict[str, str]]:
-        """Per rank of `group`: the Ray node it runs on ({node_id, node_ip}); asked on the control
-        concurrency group, so a busy worker answers too."""
-        import ray
-
-        return ray.get([a.node.options(concurrency_group="control").remote() for a in group.actors], timeout=60)
 
     def log_restart(self, role: str, rank: int, cause: str) -> None:
         rec = {"time": time.time(), "role": role, "rank": rank, "cause": cause}

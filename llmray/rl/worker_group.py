@@ -5,9 +5,8 @@ per-call timeouts, liveness checks and restart of a dead rank.
                         init_kwargs={"model_dir": d, "max_model_len": 512})
     samples = group.generate(prompt_ids, sampling)     # dispatched as RolloutWorker declares (split)
     pending = group.generate.submit(prompt_ids, sampling, threads=2); ...; samples = pending.result()
-    group.load_weights(bucket, dispatch="broadcast", timeout_s=30)   # optional overrides
-    group.reset_prefix_cache.on_rank(1)                # one rank only
-    group.alive(); group.pids(); group.restart(1, cause="..."); group.shutdown()
+    group.load_weights(bucket, dispatch="broadcast", timeout_s=30); group.reset_prefix_cache.on_rank(1)
+    group.alive(); group.pids(); group.nodes(); group.restart(1, cause="..."); group.shutdown()
 
 Each worker instance lives inside a small host actor. The host is created first; then rank 0 reports
 its node IP and a free port, every host its node, and every host sets RANK, WORLD_SIZE, LOCAL_RANK and
@@ -16,8 +15,7 @@ builds the worker, so a torch.distributed/DeepSpeed world can form inside the gr
 Liveness pings and pid queries run in a separate concurrency group, so they answer while a long
 call (generation, a training step) is running; worker methods still run one at a time.
 
-Worker methods named like a group attribute (`call`, `alive`, `restart`, `pids`, ...) are reached
-with `group.call("name", ...)` / `group.submit("name", ...)`.
+Worker methods named like a group attribute (`call`, `alive`, `pids`, ...): `group.call("name", ...)`.
 
 Errors: a call past its timeout raises `WorkerTimeoutError`; a dead actor `WorkerDiedError` (role, ranks)
 so the controller can `restart` it and retry (`call_with_restart`); an exception inside the worker
@@ -98,9 +96,6 @@ class _Host:
         import ray
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class PendingCall:
     """A submitted group call; `result()` waits (bounded by the call's timeout) and merges."""
@@ -179,9 +174,9 @@ class WorkerGroup:
         self.actors: list = [self._new_host(r) for r in range(num_workers)]
         try:
             master_addr, master_port = self._get(self.actors[0].address.remote(), "address", [0], 120.0)
-            nodes = self._wait("node", list(range(num_workers)), [a.node.remote() for a in self.actors],
-                               time.monotonic() + 120.0, 120.0)
-            local = local_ranks([n["node_id"] for n in nodes])  # Ray's local rank: among this group's, per node
+            self._nodes = self._wait("node", list(range(num_workers)), [a.node.remote() for a in self.actors],
+                                     time.monotonic() + 120.0, 120.0)
+            local = local_ranks([n["node_id"] for n in self._nodes])  # Ray's local rank: among this group's, per node
             self._rank_env = [
                 {"RANK": str(r), "WORLD_SIZE": str(num_workers), "LOCAL_RANK": str(local[r][0]),
                  "LOCAL_WORLD_SIZE": str(local[r][1]), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
@@ -337,6 +332,10 @@ class WorkerGroup:
         """Worker process ids by rank (as recorded at start; a dead rank keeps its last pid)."""
         return list(self._pids)
 
+    def nodes(self) -> list[dict[str, str]]:
+        """Per rank, the Ray node it runs on ({node_id, node_ip}), as recorded at start and restart."""
+        return list(self._nodes)
+
     def restart(self, rank: int, cause: str) -> None:
         """Replace rank `rank` with a fresh actor built with the same class, init kwargs and env."""
         import ray
@@ -349,6 +348,7 @@ class WorkerGroup:
             pass
         self.actors[rank] = self._new_host(rank)
         self._pids[rank] = self._wait_start([rank], [self._build(rank)])[0]
+        self._nodes[rank] = self._get(self.actors[rank].node.remote(), "node", [rank], 60.0)
         self.restarts.append({"role": self.role, "rank": rank, "cause": cause, "time": time.time(),
                               "restart_s": time.monotonic() - t0, "pid": self._pids[rank]})
         log.warning("restarted %s rank %d in %.1fs (pid %d)", self.role, rank,
