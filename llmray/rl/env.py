@@ -1,6 +1,6 @@
 """RL environments: what a rollout talks to. A single-turn task is the one-step case of the same loop.
 
-    env = make_env(record, tools=True)                # one per episode (prompt x sample)
+    env = make_env(record, "calculator")              # one per episode (prompt x sample); `rollout.env`
     messages = env.reset(record["prompt"])            # the chat the model starts from
     observation, reward, done = env.step(assistant_text)
     # observation: messages to append (tool results) before the model's next turn; [] when done
@@ -125,5 +125,16 @@ class TaskEnv:
         return calculator(expr) if isinstance(expr, str) else "error: calculator needs {\"expression\": string}"
 
 
-def make_env(record: dict, tools: bool = False) -> TaskEnv:
-    return TaskEnv(str(record["answer"]), tools=tools)
+ENVS = ("task", "calculator")
+
+
+def make_env(record: dict, env: str = "task") -> TaskEnv:
+    """The environment `rollout.env` names for one episode of `record` ({"answer", ...})."""
+    if env not in ENVS:
+        raise ValueError(f"rollout.env must be one of {ENVS}, got {env!r}")
+    return TaskEnv(str(record["answer"]), tools=env == "calculator")
+
+
+def env_factories(answers: list[str], env: str) -> list:
+    """Per prompt, a builder of a fresh environment (one per episode) for `llmray.rl.episodes`."""
+    return [lambda a=a: make_env({"answer": a}, env) for a in answers]

@@ -18,12 +18,12 @@ def texts(roles: "RoleGroups", prompt_ids: list[list[int]], sampling: dict, toke
     `rollout.max_turns` > 1 (and the `answers` the environments check), each is an episode's last turn."""
     r = roles.cfg.rollout
     if r.max_turns > 1 and answers is not None:
-        from llmray.rl.env import make_env
+        from llmray.rl.env import env_factories
         from llmray.rl.episodes import run_episodes
 
-        envs = [lambda a=a: make_env({"answer": a}, tools=r.env == "calculator") for a in answers]
-        return [e["text"] for e in run_episodes(roles.generate, envs, prompt_ids, sampling, r.max_turns, tokenizer,
-                                                r.max_model_len)]
+        episodes = run_episodes(roles.generate, env_factories(answers, r.env), prompt_ids, sampling, r.max_turns,
+                                tokenizer, r.max_model_len)
+        return [e["text"] for e in episodes]
     return [tokenizer.decode(o["response_ids"], skip_special_tokens=True)
             for o in roles.generate(prompt_ids, sampling)]
 

@@ -141,7 +141,7 @@ class RolloutPipeline:
         batch. `first`: the first turn's rollouts when they were generated already (async). Tokens of
         the first turn carry `version`; later turns are generated now, with the current weights."""
         from llmray.rl.batch import RLBatch
-        from llmray.rl.env import make_env
+        from llmray.rl.env import env_factories
         from llmray.rl.episodes import run_episodes
 
         r = self.cfg.rollout
@@ -152,8 +152,7 @@ class RolloutPipeline:
             return got if got is not None else self.roles.generate(ids, s)
 
         versions = iter([version])
-        envs = [lambda a=a: make_env({"answer": a}, tools=r.env == "calculator") for a in prompts.answers]
-        rollouts = run_episodes(generate, envs, prompts.ids, sampling, r.max_turns, self.tokenizer,
-                                r.max_model_len, version=lambda: next(versions, self.version))
+        rollouts = run_episodes(generate, env_factories(prompts.answers, r.env), prompts.ids, sampling, r.max_turns,
+                                self.tokenizer, r.max_model_len, version=lambda: next(versions, self.version))
         return RLBatch.from_rollouts(rollouts, prompts.answers, pad_id=self.pad_id, prompt_offset=offset,
                                      version=version)

@@ -132,8 +132,7 @@ def episode_starts(cfg: RLConfig, records: list[dict]) -> list[dict]:
     when the environment offers tools)."""
     from llmray.rl.env import make_env
 
-    tools = cfg.rollout.env == "calculator"
-    return [{**r, "prompt": make_env(r, tools=tools).reset(r["prompt"])} for r in records]
+    return [{**r, "prompt": make_env(r, cfg.rollout.env).reset(r["prompt"])} for r in records]
 
 
 def resume(cfg: RLConfig, roles: "RoleGroups", controller: "Controller", inputs: Inputs, progress: Progress) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmray.rl.env import TaskEnv, calculator, make_env, parse_tool_calls
+from llmray.rl.env import TaskEnv, calculator, env_factories, make_env, parse_tool_calls
 from llmray.rl.episodes import observation_ids, run_episodes
 
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 + 7"}}</tool_call>'
@@ -63,11 +63,11 @@ def test_scripted_policy_calls_the_calculator_gets_the_reward_and_tool_tokens_ar
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     records = [{"prompt": [{"role": "user", "content": "What is 12 plus 7?"}], "answer": "19"},
                {"prompt": [{"role": "user", "content": "What is 12 plus 7?"}], "answer": "20"}]
-    starts = [make_env(r, tools=True).reset(r["prompt"]) for r in records]
+    starts = [make_env(r, "calculator").reset(r["prompt"]) for r in records]
     prompt_ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                   for m in starts]
     policy = ScriptedPolicy(tok)
-    envs = [lambda a=r["answer"]: make_env({"answer": a}, tools=True) for r in records]
+    envs = env_factories([r["answer"] for r in records], "calculator")
     out = run_episodes(policy, envs, prompt_ids, {"n": 2, "max_tokens": 32, "seed": 0}, max_turns=3, tokenizer=tok,
                        max_model_len=512)
     assert policy.calls == [(2, 2), (4, 1)]  # turn 1: n samples per prompt; turn 2: one per open episode
@@ -117,7 +117,7 @@ def test_single_turn_task_is_the_one_step_case(tokenizer_dir):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     policy = ScriptedPolicy(tok)
-    envs = [lambda: make_env({"answer": "19"})]
+    envs = env_factories(["19"], "task")
     out = run_episodes(policy, envs, [[1, 2, 3]], {"n": 3, "max_tokens": 8, "seed": 0}, max_turns=1, tokenizer=tok,
                        max_model_len=64)
     assert policy.calls == [(1, 3)] and len(out) == 3

@@ -121,6 +121,27 @@ def _expect_rise(what: str, before: float, after: float, margin: float) -> None:
     assert after > before + margin, f"{what} did not rise: {before:.3f} -> {after:.3f}"
 
 
+def _run_with_kills(cfg, kills: list[tuple[str, int, bool]]) -> tuple[dict, list]:
+    """Run the stage while a background thread SIGKILLs each (role, after step, needs a checkpoint)
+    in turn; returns the run's result and the kills made."""
+    from llmray.stages.ppo import run
+
+    killed: list = []
+    stop = threading.Event()
+
+    def chaos():
+        for role, at_step, need_ckpt in kills:
+            _kill_when(Path(cfg.run_dir), role, at_step, need_ckpt, killed, stop)
+
+    t = threading.Thread(target=chaos, daemon=True)
+    t.start()
+    try:
+        return run(cfg), killed
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: list, stop: threading.Event):
     """Background chaos: once `at_step` is logged (and a checkpoint exists), SIGKILL `role` rank 0."""
     while not stop.is_set():
@@ -137,28 +158,13 @@ def _kill_when(run_dir: Path, role: str, at_step: int, need_ckpt: bool, done: li
 def test_grpo_survives_killed_rollout_and_actor_and_reward_rises(rl_sft_model, rl_fixed_prompts, tmp_path):
     """GRPO as DAPO runs it (dynamic sampling, clip-higher), with a rollout engine and then the actor
     killed: the run finishes, resumes the prompt cursor from the checkpoint, and the reward rises."""
-    from llmray.stages.ppo import run
-
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=grpo", "steps=8", "algo.n_samples=8",
                        # one minibatch of the whole batch: the fused path (pi_old from the update's own pass)
                        "algo.prompts_per_step=8", "algo.minibatch_size=64", "actor.optimizer.lr=1e-3",
                        "algo.kl_coef=0.01", "algo.dynamic_sampling=true", "algo.clip_eps_high=0.28",
                        "checkpoint.every_n_steps=2", "eval_every=-1")
     run_dir = Path(cfg.run_dir)
-    killed: list = []
-    stop = threading.Event()
-
-    def chaos():
-        _kill_when(run_dir, "rollout", 2, False, killed, stop)
-        _kill_when(run_dir, "actor", 5, True, killed, stop)
-
-    t = threading.Thread(target=chaos, daemon=True)
-    t.start()
-    try:
-        out = run(cfg)
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    out, killed = _run_with_kills(cfg, [("rollout", 2, False), ("actor", 5, True)])
     assert [k[0] for k in killed] == ["rollout", "actor"]
     assert out["steps"] == 8 and out["rollout_restarts"] >= 1 and out["trainer_restarts"] == 1
     restarts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
@@ -227,26 +233,10 @@ def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompt
     engine during a weight push: tests/rl_infra). The stateless ref and reward are restarted and their
     call retried; the critic takes both training groups back to the last checkpoint, optimizer states
     restored. The restarts are counted in the metrics and the result."""
-    from llmray.stages.ppo import run
-
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=ppo", "steps=5",
                        "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1")
     run_dir = Path(cfg.run_dir)
-    killed: list = []
-    stop = threading.Event()
-
-    def chaos():
-        _kill_when(run_dir, "ref", 1, False, killed, stop)
-        _kill_when(run_dir, "reward", 2, False, killed, stop)
-        _kill_when(run_dir, "critic", 3, True, killed, stop)
-
-    t = threading.Thread(target=chaos, daemon=True)
-    t.start()
-    try:
-        out = run(cfg)
-    finally:
-        stop.set()
-        t.join(timeout=5)
+    out, killed = _run_with_kills(cfg, [("ref", 1, False), ("reward", 2, False), ("critic", 3, True)])
     assert [k[0] for k in killed] == ["ref", "reward", "critic"]
     assert out["steps"] == 5 and out["trainer_restarts"] == 1 and out["restarts"] >= 3
     restarts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
