@@ -116,7 +116,8 @@ def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
         "pack": {"input": p.clean_dedup, "tokenizer": p.tokenizer, "output": p.pack},
         "pretrain": {"dataset": p.pack, "tokenizer": p.tokenizer, "output": p.pretrain,
                      "run_dir": p.run_dir("pretrain")},
-        "sft": {"model": p.pretrain, "data": f"{p.corpus}/sft", "output": p.sft, "run_dir": p.run_dir("sft")},
+        "sft": {"model": p.pretrain, "data": f"{p.corpus}/sft", "mix.data": p.pack, "output": p.sft,
+                "run_dir": p.run_dir("sft")},
         "reward-model": {"model": p.sft, "data": f"{p.corpus}/preference", "output": p.reward_model,
                          "run_dir": p.run_dir("reward-model")},
         # The RL stage's final eval on its running engines is the pipeline's RL evaluation: the same

@@ -6,6 +6,10 @@ Cluster: ray job submit --working-dir . -- python jobs/sft.py --config jobs/conf
 Conversations are rendered with the tokenizer's ChatML template; labels are -100 outside assistant
 turns (multi-turn in one pass); several conversations are packed per row with position_ids restarting
 per conversation (no attention across them); optional LoRA through peft, merged on export.
+
+`mix` keeps the language model the run starts from: rows of its pretraining text (the `pack`
+artifact) are interleaved with the chat rows, with the LM loss on every token of them, so SFT
+teaches the chat format without forgetting the text (held-out perplexity stays near pretraining's).
 """
 
 from __future__ import annotations
@@ -14,13 +18,29 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmray.config import to_dict
+from llmray.config import check, to_dict
 from llmray.errors import UserError
 from llmray.models.model_dir import check_model_dir, load_tokenizer_checked, model_shape
 from llmray.train.lm import LoRAConfig
 from llmray.train.trainer import FineTuneConfig, fit_to_workers
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTMixConfig:
+    data: str | None = None
+    """Packed pretraining dataset (a `pack` artifact: `shards/part-*.parquet` of token ids) mixed into
+    the SFT rows with the LM loss on every token; null trains on chat data only."""
+    ratio: float = 1.0
+    """Rows of general text per chat row (both seq_len tokens long): the general:chat token ratio."""
+    lm_coef: float = 1.0
+    """The loss is the chat rows' mean (assistant tokens) + lm_coef x the general rows' mean LM loss."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.ratio >= 0, "mix.ratio", f"must be >= 0, got {self.ratio}")
+        check(self.lm_coef >= 0, "mix.lm_coef", f"must be >= 0, got {self.lm_coef}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class SFTConfig(FineTuneConfig):
     packing: bool = True
     """Pack several conversations per row (block-diagonal attention); false = one per row, padded."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    mix: SFTMixConfig = field(default_factory=SFTMixConfig)
     run_dir: str = "runs/sft"
     output: str = "artifacts/sft"
 
@@ -40,7 +61,9 @@ Config = SFTConfig
 
 
 def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
-    from llmray.train.chat_data import encode_chat, pack, pad_rows, read_records, validate_chat
+    from llmray.stages.pretrain import shard_files
+    from llmray.train.chat_data import (encode_chat, general_rows, mix_rows, pack, pad_rows, read_records,
+                                        validate_chat)
 
     recs = read_records(cfg.data, validate_chat, cfg.max_examples)
     encoded, dropped = [], 0
@@ -57,8 +80,15 @@ def build_rows(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict], dict]:
     fn = pack if cfg.packing else pad_rows
     train_rows = fn(train, cfg.seq_len, tok.pad_token_id)
     eval_rows = fn(held, cfg.seq_len, tok.pad_token_id) if held else []
+    chat_rows = len(train_rows)
+    if cfg.mix.data and cfg.mix.ratio > 0:
+        files = shard_files(cfg.mix.data)
+        if not files:
+            raise UserError(f"mix.data: {cfg.mix.data} has no shards/part-*.parquet (a `pack` artifact)")
+        general = general_rows(files, cfg.seq_len, round(cfg.mix.ratio * chat_rows), cfg.mix.seed)
+        train_rows = mix_rows(train_rows, general)
     stats = {"conversations": len(recs), "dropped_too_long": dropped, "train_rows": len(train_rows),
-             "eval_rows": len(eval_rows),
+             "chat_rows": chat_rows, "general_rows": len(train_rows) - chat_rows, "eval_rows": len(eval_rows),
              "supervised_tokens": sum(sum(1 for label in lab if label != -100) for _, lab in train)}
     return train_rows, eval_rows, stats
 
@@ -97,9 +127,9 @@ def run(cfg: SFTConfig) -> dict:
     init_ray(cfg.ray)
     run_dir = Path(cfg.run_dir).resolve()
     data_file = write_rows(train_rows, run_dir / "data" / "train.parquet")
-    ds = small_dataset(data_file, ["input_ids", "labels", "position_ids"])
+    ds = small_dataset(data_file, list(train_rows[0]))
     task = CausalLMTask(tokenizer_dir=str(Path(cfg.model).resolve()), init_from=str(Path(cfg.model).resolve()),
-                        seed=cfg.seed, lora=cfg.lora)
+                        seed=cfg.seed, lora=cfg.lora, lm_coef=cfg.mix.lm_coef)
     spec = loop_spec(cfg, task, shape, len(train_rows), expect, columns(eval_rows) if eval_rows else None)
     print(f"[llmray] sft: {stats}", flush=True)
     result = launch(cfg, spec, ds, "sft")

@@ -119,6 +119,36 @@ def pad_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: 
     ]
 
 
+def general_rows(files: list[Path], seq_len: int, n: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """`n` rows of plain text for the LM loss on every token: the packed pretraining shards' sequences
+    cut into seq_len pieces, taken in a seeded order (cycling when `n` exceeds what they hold)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    if n <= 0:
+        return []
+    pieces: list[list[int]] = []
+    for f in files:
+        for seq in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist():
+            pieces += [seq[i : i + seq_len] for i in range(0, len(seq) - seq_len + 1, seq_len)]
+    if not pieces:
+        raise UserError(f"no sequence of {seq_len} tokens in {files[0].parent if files else 'the mix data'}")
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    picked = [pieces[int(order[i % len(order)])] for i in range(n)]
+    return [{"input_ids": ids, "labels": list(ids), "position_ids": list(range(seq_len)), "general": 1}
+            for ids in picked]
+
+
+def mix_rows(chat: list[dict], general: list[dict]) -> list[dict]:
+    """Chat and general rows interleaved evenly (the `pack.mix` interleaving), so every stretch of
+    batches holds about the configured ratio; chat rows get `general` = 0."""
+    from llmray.data.mix import interleave
+
+    chat = [{**r, "general": 0} for r in chat]
+    order = interleave({"chat": [(i, 1) for i in range(len(chat))], "general": [(i, 1) for i in range(len(general))]})
+    return [chat[i] if name == "chat" else general[i] for name, i, _ in order]
+
+
 def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     """Rows of equal-length int lists (and floats) as one parquet file."""
     import pyarrow as pa

@@ -5,6 +5,10 @@ labelled tokens, so a packed row's loss sum equals the sum of its conversations'
 Packed rows carry `position_ids` that restart at 0 for each conversation and no attention mask:
 transformers then builds a block-diagonal causal mask from the position resets, so no token attends
 across conversations.
+
+Rows flagged `general` (SFT's pretraining-text mix) get their own mean: the loss is the mean over the
+chat rows' labelled tokens plus `lm_coef` x the mean over the general rows' tokens, so mixed text keeps
+the language model without diluting the assistant tokens' share of the gradient.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class CausalLMTask(TrainTask):
     """ModelConfig for a fresh model."""
     seed: int = 0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lm_coef: float = 1.0
+    """Weight of the general rows' mean LM loss (rows with `general` = 1) beside the chat rows' mean."""
 
     def _tokenizer(self):
         from llmray.models.tokenizer import load_tokenizer
@@ -99,8 +105,17 @@ class CausalLMTask(TrainTask):
         labels = batch.get("labels", ids)
         kw = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         logits = engine(input_ids=ids, use_cache=False, **kw).logits
-        s, n = token_loss_sum(logits, labels)
-        return s / n.clamp(min=1), {"loss": float(s.detach()), "count": float(n)}, int(ids.numel())
+        if "general" not in batch:
+            s, n = token_loss_sum(logits, labels)
+            return s / n.clamp(min=1), {"loss": float(s.detach()), "count": float(n)}, int(ids.numel())
+        general = batch["general"].bool().view(-1, 1)
+        s, n = token_loss_sum(logits, labels.masked_fill(general, IGNORE))
+        lm_s, lm_n = token_loss_sum(logits, labels.masked_fill(~general, IGNORE))
+        lm_mean = lm_s / lm_n.clamp(min=1)
+        # The loop divides every metric sum by "count" (the chat tokens): lm_loss is logged as its mean
+        # weighted by each micro-batch's chat tokens.
+        sums = {"loss": float(s.detach()), "count": float(n), "lm_loss": float(lm_mean.detach()) * float(n)}
+        return s / n.clamp(min=1) + self.lm_coef * lm_mean, sums, int(ids.numel())
 
     def evaluate(self, engine, rows):
         from llmray.train.loop import to_batch

@@ -118,3 +118,65 @@ def test_bad_chat_records_name_file_and_line(tmp_path):
     f.write_text('{"text": "x"}\n')
     with pytest.raises(UserError, match=r"chats.jsonl:1: missing field 'messages'"):
         read_records(f, validate_chat)
+
+
+def test_general_text_mixed_evenly_with_lm_loss_everywhere(tok, tmp_path):
+    """`sft.mix`: pretraining rows cut to seq_len carry labels on every token, and the interleaving
+    puts the configured ratio into every stretch of rows, in a seeded, repeatable order."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmray.config import ConfigError, build
+    from llmray.data import tasks
+    from llmray.stages.sft import SFTConfig, build_rows
+
+    shards = tmp_path / "packed" / "shards"
+    shards.mkdir(parents=True)
+    seqs = [[(i * 7 + j) % 500 + 3 for j in range(64)] for i in range(10)]
+    pq.write_table(pa.table({"input_ids": pa.array(seqs, pa.list_(pa.int32()))}), shards / "part-00000.parquet")
+    chat = tmp_path / "chat.jsonl"
+    rng = random.Random(0)
+    chat.write_text("".join(json.dumps(tasks.sft_record(tasks.make_task(rng))) + "\n"
+                            for _ in range(80)))
+    cfg = build(SFTConfig, {"data": str(chat), "seq_len": 32, "eval_fraction": 0.1,
+                            "mix": {"data": str(tmp_path / "packed"), "ratio": 2.0}})
+    rows, held, stats = build_rows(cfg, tok)
+    assert stats["general_rows"] == 2 * stats["chat_rows"] and len(rows) == 3 * stats["chat_rows"]
+    general = [r for r in rows if r["general"]]
+    assert len(general) == stats["general_rows"] and all(-100 not in r["labels"] for r in general)
+    pieces = {tuple(s[i:i + 32]) for s in seqs for i in (0, 32)}
+    assert all(tuple(r["input_ids"]) in pieces and r["labels"] == r["input_ids"] for r in general)
+    # Evenly interleaved: every 6 consecutive rows hold 4 general rows (+-1).
+    is_gen = [r["general"] for r in rows]
+    assert all(3 <= sum(is_gen[i:i + 6]) <= 5 for i in range(0, len(rows) - 6))
+    assert all(any(label == -100 for label in r["labels"]) for r in held)  # eval stays on chat
+    assert build_rows(cfg, tok)[0] == rows
+    with pytest.raises(ConfigError, match="mix.ratio: must be >= 0"):
+        build(SFTConfig, {"mix": {"ratio": -1}}, prefix="sft")
+
+
+def test_mixed_loss_is_chat_mean_plus_weighted_lm_mean(tok, model):
+    """Mixed rows don't dilute the assistant tokens: loss = chat rows' token mean + lm_coef x the
+    general rows' token mean, each computed on its own."""
+    from llmray.train.chat_data import encode_chat, pack
+    from llmray.train.lm import CausalLMTask, token_loss_sum
+
+    chat = pack([encode_chat(tok, m) for m in _chats(6)], 64, tok.pad_token_id)[:2]
+    gen = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([torch.tensor([r["input_ids"] for r in chat]), gen])
+    labels = torch.cat([torch.tensor([r["labels"] for r in chat]), gen])
+    pos = torch.cat([torch.tensor([r["position_ids"] for r in chat]), torch.arange(64).expand(2, 64)])
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "general": torch.tensor([0, 0, 1, 1])}
+    task = CausalLMTask(tokenizer_dir="unused", lm_coef=0.5)
+    with torch.no_grad():
+        loss, sums, _ = task.loss(model, batch)
+
+        def mean(rows):
+            s, n = token_loss_sum(model(input_ids=ids[rows], position_ids=pos[rows]).logits, labels[rows])
+            return s / n
+        chat_mean, lm_mean = mean(slice(0, 2)), mean(slice(2, 4))
+    assert abs(float(loss) - float(chat_mean + 0.5 * lm_mean)) < 1e-4
+    assert abs(sums["loss"] / sums["count"] - float(chat_mean)) < 1e-4
+    assert abs(sums["lm_loss"] / sums["count"] - float(lm_mean)) < 1e-4
