@@ -97,11 +97,13 @@ def plot_stage(stage: str, dirs: list[Path], out_dir: Path, results: dict | None
         return []
     pngs = []
     evals = (results or {}).get("eval_accuracy") if stage == "ppo" else None
+    algo = (results or {}).get("algorithm")
     for spec in CURVES.get(stage, ()):
         ser, twin = stage_series(rows, spec, evals if spec.right else None)
         if not any(s.kind == "line" for s in ser):
             continue
+        title = spec.title.replace("RL", f"RL ({algo})", 1) if isinstance(algo, str) else spec.title
         ylabel = spec.ylabel if twin or not spec.right else f"{spec.ylabel} / {spec.right_label}"
-        pngs.append(plot_series(ser, out_dir / f"{stage}_{spec.name}.png", f"{stage}: {spec.title}", ylabel=ylabel,
+        pngs.append(plot_series(ser, out_dir / f"{stage}_{spec.name}.png", title, ylabel=ylabel,
                                 right_ylabel=spec.right_label if twin else ""))
     return pngs

@@ -86,8 +86,9 @@ def plot_series(series: Sequence[Series], path: str | Path, title: str, ylabel: 
     if smoothed_any:
         handles.append(Line2D([], [], color="grey", alpha=0.35, linewidth=1.0, label="raw per-step values"))
     if len(handles) > 1:
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(handles), 2 if max(len(h.get_label()) for h in handles) > 24 else 3),
-                  frameon=False, fontsize=9)
+        ncol = min(len(handles), 2 if max(len(h.get_label()) for h in handles) > 24 else 3)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False,
+                  fontsize=9)
     return _save(fig, path)
 
 

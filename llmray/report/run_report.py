@@ -18,8 +18,9 @@ TITLE = "llmray run report"
 
 
 def _sampled_k(results: dict) -> int | None:
-    ks = {r.get("sampled_k") for r in results.values() if isinstance(r, dict)} - {None}
-    return next(iter(ks)) if len(ks) == 1 and isinstance(next(iter(ks)), int) else None
+    """The k of the sampled accuracy (mean@k) when the stages record one and agree on it."""
+    ks = {r["sampled_k"] for r in results.values() if isinstance(r, dict) and type(r.get("sampled_k")) is int}
+    return ks.pop() if len(ks) == 1 else None
 
 
 def build(paths, results: dict, out: Path) -> list[Block]:
