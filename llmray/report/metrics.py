@@ -52,3 +52,26 @@ def read_metrics(path: str | Path) -> list[dict]:
 def series(rows: list[dict], key: str) -> list[tuple[float, float]]:
     """(step, value) pairs of `key` from metric rows that have it."""
     return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+
+def smoothing_half_width(n: int) -> int:
+    """The half width of the smoothing window for a curve of `n` points: a window of about n/10 points
+    (2h+1, h from 0 to 25), so 96 steps average over 11, 30 over 5, and under 10 steps are left as they are."""
+    return min(max(round(n / 20), 0), 25)
+
+
+def rolling_mean(values: list[float], half_width: int) -> list[float]:
+    """Centered moving average: point i is the mean of values[i-h : i+h+1] with h = min(half_width, i,
+    n-1-i), the window shrinking symmetrically at the ends. No lag behind a trend (a straight line comes
+    back unchanged) and no pull towards the interior at the ends; the first and last points are the raw ones."""
+    if half_width < 0:
+        raise ValueError(f"rolling_mean half_width must be >= 0, got {half_width}")
+    n, out = len(values), []
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    for i in range(n):
+        h = min(half_width, i, n - 1 - i)
+        out.append((prefix[i + h + 1] - prefix[i - h]) / (2 * h + 1))
+    return out

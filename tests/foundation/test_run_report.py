@@ -16,9 +16,9 @@ def test_report_separates_the_run_from_its_stages(tmp_path):
     assert "Peak memory in use on the machine: 5.46 GiB (1.1 GiB at the start)" in text
     assert "Stages run this time: 448 s" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert any(r.startswith("| pretrain | ") for r in rows) and any(r.startswith("| sft | 900.0 | 0.355") for r in rows)
+    assert any(r.startswith("| pretrain | ") for r in rows) and any(r.startswith("| sft | 900 | 0.355 |") for r in rows)
     assert not any(r.startswith(f"| {RUN_KEY} ") for r in rows)
-    assert (tmp_path / "w" / "report" / "task_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "w" / "report" / "summary.png").stat().st_size > 0
 
 
 def test_report_shows_rl_restarts_and_monitor_warnings(tmp_path):
@@ -30,6 +30,6 @@ def test_report_shows_rl_restarts_and_monitor_warnings(tmp_path):
     results = {"ppo": {"steps": 8, "task_accuracy": 0.22, "restarts": 3, "rollout_restarts": 1,
                        "trainer_restarts": 1, "reward_hacking_warnings": [warning]}}
     text = write_report(Paths(tmp_path / "w"), results).read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| ppo | steps="))
+    row = next(line for line in text.splitlines() if line.startswith("| ppo | — | steps=8;"))
     assert "restarts=3" in row and "rollout_restarts=1" in row and "trainer_restarts=1" in row
     assert f"- ppo: {warning}" in text
