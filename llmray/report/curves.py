@@ -28,7 +28,8 @@ class CurveSpec:
 
 
 LOSS = ("train/*loss*", "eval/*loss*")
-LOSS_LABELS = (("train/loss", "training loss"), ("eval/loss", "held-out loss"))
+LOSS_LABELS = (("train/loss", "training loss"), ("eval/loss", "held-out loss"),
+               ("train/lm_loss", "LM loss on the mixed-in pretraining text"))
 CURVES: dict[str, tuple[CurveSpec, ...]] = {
     "pretrain": (CurveSpec("loss", "pretraining loss", "cross-entropy (nats/token)", LOSS, labels=LOSS_LABELS),),
     "sft": (CurveSpec("loss", "SFT loss", "cross-entropy (nats/token)", LOSS, labels=LOSS_LABELS),),

@@ -368,7 +368,7 @@ def finish(cfg: TrainRunConfig, stage: str, config_dict: dict, result: dict[str,
     for r in rows:  # after a restart, the replayed steps' last rows win
         last[r["step"]] = {**last.get(r["step"], {}), **r}
     rows = [last[s] for s in sorted(last)]
-    curves = {k: series(rows, k) for k in ("train/loss", "eval/loss") if series(rows, k)}
+    curves = {k: series(rows, k) for k in ("train/loss", "eval/loss", "train/lm_loss") if series(rows, k)}
     if curves:
         plot_curves(curves, run_dir / "loss.png", f"{stage} loss")
     train_rows = [r for r in rows if "tokens_per_s" in r]

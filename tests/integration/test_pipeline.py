@@ -48,7 +48,9 @@ def test_every_artifact_report_and_answers(tiny_run):
     results = json.loads((workdir / "results.json").read_text())
     # Held-out perplexity falls from the pretrained model's level after training on the grammar.
     assert results["pretrain"]["heldout_ppl"] < 1024  # below a uniform guess over the vocabulary
-    assert 0.0 <= results["sft"]["task_accuracy"] <= 1.0
+    # SFT mixes pretraining text into its rows: it keeps the language model it starts from.
+    assert results["sft"]["heldout_ppl"] <= 2 * results["pretrain"]["heldout_ppl"], results["sft"]
+    assert results["sft"]["general_rows"] > 0
     # The RL stage scored the held-out prompts on its own vLLM engines; the pipeline added perplexity.
     ppo = results["ppo"]
     assert ppo["task_accuracy"] == round(ppo["eval_accuracy"][-1][1], 4) and ppo["heldout_ppl"] > 0
