@@ -69,13 +69,14 @@ def flatten_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """lm-eval's `simple_evaluate` output -> `{task: {metric: value, "n": examples}}`.
 
     lm-eval keys metrics as `metric,filter` (e.g. `exact_match,answer`, `acc,none`); the filter name
-    is dropped (each shipped task has one filter). Non-numeric entries (alias) are left out."""
+    is dropped (each shipped task has one filter). Non-numeric entries (alias) and `sample_len` (the
+    same as `n`) are left out."""
     out: dict[str, dict[str, float]] = {}
     samples = results.get("n-samples", {})
     for task, metrics in results.get("results", {}).items():
         row: dict[str, float] = {}
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             row[key.split(",")[0]] = float(value)
         n = samples.get(task, {}).get("effective")
