@@ -80,6 +80,11 @@ class PipelineConfig:
                   f"{self.until_stage} comes before from_stage {self.from_stage}")
         check(self.demo_requests >= 0, "demo_requests", "must be >= 0")
         check(self.sampled_k >= 0, "sampled_k", f"must be >= 0 (0 skips the sampled accuracy), got {self.sampled_k}")
+        from llmray.stages.eval import EvalConfig
+
+        for key in ("model", "endpoint", "prompts", "output"):
+            check(key not in self.eval, f"eval.{key}", "set by the pipeline (the served model and the run's prompts)")
+        cfglib.build(EvalConfig, self.eval, prefix="eval")  # a bad key fails before any work
 
 
 Config = PipelineConfig
