@@ -69,7 +69,7 @@ class PipelineConfig:
     serve: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     """The eval stage's settings for the served model (llmray.stages.eval.EvalConfig keys: lm_eval,
-    offline, concurrency, max_new_tokens, served); its model and prompts are the run's."""
+    offline, concurrency, max_new_tokens, served); its model, engine and prompts are the run's."""
 
     def __post_init__(self) -> None:
         for key in ("from_stage", "until_stage"):
@@ -82,8 +82,9 @@ class PipelineConfig:
         check(self.sampled_k >= 0, "sampled_k", f"must be >= 0 (0 skips the sampled accuracy), got {self.sampled_k}")
         from llmray.stages.eval import EvalConfig
 
-        for key in ("model", "endpoint", "prompts", "output"):
-            check(key not in self.eval, f"eval.{key}", "set by the pipeline (the served model and the run's prompts)")
+        for key in ("model", "endpoint", "prompts", "output", "engine"):
+            check(key not in self.eval, f"eval.{key}", "set by the pipeline (the served model, its engine and the "
+                  "run's prompts)")
         cfglib.build(EvalConfig, self.eval, prefix="eval")  # a bad key fails before any work
 
 
