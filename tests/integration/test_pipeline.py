@@ -58,6 +58,23 @@ def test_every_artifact_report_and_answers(tiny_run):
     assert results["clean-dedup"], "clean-dedup reported nothing"
 
 
+
+def test_served_model_is_the_trained_one(tiny_run):
+    """The eval stage on the live endpoint (llmray.stages.eval): served greedy answers equal the offline
+    engine's on the same directory, and lm-eval's generation task agrees with the served accuracy."""
+    import yaml
+
+    workdir, _ = tiny_run
+    tiny = yaml.safe_load(TINY.read_text())
+    serve = json.loads((workdir / "results.json").read_text())["serve"]
+    n = tiny["eval_prompts"]
+    assert serve["served_n"] == n and abs(serve["served_accuracy"] - serve["offline_accuracy"]) <= 0.03
+    assert serve["served_offline_same_answers"] >= 0.95 and serve["served_matches_offline"] is True
+    lm = serve["lm_eval"]
+    assert lm["llmray_arith"]["n"] == n and lm["llmray_arith_mc"]["n"] == n
+    assert lm["llmray_arith"]["exact_match"] == pytest.approx(serve["served_accuracy"], abs=1 / n + 1e-9)
+    assert lm["llmray_heldout"]["n"] == tiny["heldout_documents"] and lm["llmray_heldout"]["bits_per_byte"] > 0.5
+
 def test_rerun_skips_completed_stages(tiny_run):
     workdir, _ = tiny_run
     r = _pipeline(workdir, "--until", "pack")
