@@ -75,6 +75,7 @@ def test_served_model_is_the_trained_one(tiny_run):
     assert lm["llmray_arith"]["exact_match"] == pytest.approx(serve["served_accuracy"], abs=1 / n + 1e-9)
     assert lm["llmray_heldout"]["n"] == tiny["heldout_documents"] and lm["llmray_heldout"]["bits_per_byte"] > 0.5
 
+
 def test_rerun_skips_completed_stages(tiny_run):
     workdir, _ = tiny_run
     r = _pipeline(workdir, "--until", "pack")
