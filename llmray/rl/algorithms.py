@@ -41,6 +41,10 @@ class AlgoConfig:
     gamma: float = 1.0
     lam: float = 0.95
     """GAE lambda."""
+    critic_warmup: int = 0
+    """PPO: the first steps train only the critic (the actor keeps its weights), so that a critic
+    starting from the reward model's head has fitted the returns' scale before its values shape the
+    actor's advantages (veRL's `critic_warmup`)."""
     whiten_advantages: bool = True
     """PPO: normalise advantages to zero mean, unit std over the batch's tokens."""
     grpo_normalize_std: bool = True
@@ -99,6 +103,9 @@ class AlgoConfig:
               f"must be in (0, 10) or null, got {self.clip_eps_high}")
         check(not self.dynamic_sampling or self.n_samples >= 2, f"{a}.dynamic_sampling",
               f"needs groups: algo.n_samples >= 2, got {self.n_samples}")
+        check(self.critic_warmup >= 0, f"{a}.critic_warmup", f"must be >= 0, got {self.critic_warmup}")
+        check(self.critic_warmup == 0 or self.algorithm == "ppo", f"{a}.critic_warmup",
+              f"{self.algorithm} has no critic to warm up")
         check(self.max_sampling_rounds >= 1, f"{a}.max_sampling_rounds",
               f"must be >= 1, got {self.max_sampling_rounds}")
 

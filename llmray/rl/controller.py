@@ -181,8 +181,9 @@ class Controller:
                 "kl_loss_coef": 0.0 if c.algo.kl_to_reward else kl_coef, "tis_cap": c.algo.tis_cap,
                 "ptx_coef": c.algo.ptx_coef, "temperature": c.rollout.temperature, "seed": c.seed + step,
                 "on_policy": fused}
-        th = phase_threads(thread_budget(c), 1 + c.algo.uses_critic)
-        pending = {"actor": g["actor"].update.submit(batch, spec, ptx_ids=ptx_ids, threads=th)}
+        warmup = step < c.algo.critic_warmup  # the critic alone learns the returns' scale first
+        th = phase_threads(thread_budget(c), 1 + c.algo.uses_critic - warmup)
+        pending = {} if warmup else {"actor": g["actor"].update.submit(batch, spec, ptx_ids=ptx_ids, threads=th)}
         if c.algo.uses_critic:
             pending["critic"] = g["critic"].update.submit(
                 batch, c.algo.epochs, c.algo.minibatch_size // c.critic.num_workers, c.algo.value_clip,
@@ -208,7 +209,7 @@ class Controller:
         from llmray.rl.ppo.advantages import masked_mean
 
         mask = batch.train_mask
-        actor = _mean_dicts(results["actor"])
+        actor = _mean_dicts(results["actor"]) if "actor" in results else {}  # none in a critic warmup step
         # Fused: the update measured the gap on its own forward pass.
         gap = (actor["logprob_gap"] if fused
                else masked_mean((batch.logprobs - batch.rollout_logprobs).abs(), mask).item())

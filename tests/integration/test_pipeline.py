@@ -55,6 +55,11 @@ def test_every_artifact_report_and_answers(tiny_run):
     ppo = results["ppo"]
     assert ppo["task_accuracy"] == round(ppo["eval_accuracy"][-1][1], 4) and ppo["heldout_ppl"] > 0
     assert 0.0 <= ppo["sampled_accuracy"] <= ppo["sampled_pass_at_k"] <= 1.0
+    # The default RL loop: PPO with five roles in five processes (the reward worker adds the reward
+    # model's score to the task rule).
+    pids = json.loads((workdir / "runs" / "ppo" / "workers.json").read_text())
+    assert set(pids) == {"rollout", "actor", "critic", "ref", "reward"}
+    assert len({p for ps in pids.values() for p in ps}) == 5
     assert results["clean-dedup"], "clean-dedup reported nothing"
 
 

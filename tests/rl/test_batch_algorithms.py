@@ -91,6 +91,8 @@ def test_config_errors_name_the_key():
         load(RLConfig, None, ["algo.algorithm=grpo", "algo.n_samples=1"])
     with pytest.raises(ConfigError, match="rloo needs at least 2"):
         load(RLConfig, None, ["algo.algorithm=rloo", "algo.n_samples=1"])
+    with pytest.raises(ConfigError, match="algo.critic_warmup: grpo has no critic"):
+        load(RLConfig, None, ["algo.algorithm=grpo", "algo.critic_warmup=2"])
     with pytest.raises(ConfigError, match="actor.num_workers: must divide the rollout batch"):
         load(RLConfig, None, ["actor.num_workers=3"])
     with pytest.raises(ConfigError, match="algo.minibatch_size: must divide"):

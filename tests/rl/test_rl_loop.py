@@ -232,9 +232,11 @@ def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompt
     """Every role survives a kill (the rollout engine and the actor: the GRPO test above; a rollout
     engine during a weight push: tests/rl_infra). The stateless ref and reward are restarted and their
     call retried; the critic takes both training groups back to the last checkpoint, optimizer states
-    restored. The restarts are counted in the metrics and the result."""
+    restored. The restarts are counted in the metrics and the result. The first step is a critic
+    warmup step: the critic trains, the actor does not (it equals the ref until step 2's update)."""
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=ppo", "steps=5",
-                       "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1")
+                       "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1",
+                       "algo.critic_warmup=1")
     run_dir = Path(cfg.run_dir)
     out, killed = _run_with_kills(cfg, [("ref", 1, False), ("reward", 2, False), ("critic", 3, True)])
     assert [k[0] for k in killed] == ["ref", "reward", "critic"]
@@ -246,3 +248,6 @@ def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompt
     steps = [r["step"] for r in rows]
     back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[back] - 1 in (2, 4) and steps[back:] == list(range(steps[back], 6))  # resumed from a checkpoint
+    first, second = rows[0], rows[1]
+    assert "actor/policy_loss" not in first and first["critic/value_loss"] > 0  # critic warmup
+    assert abs(second["kl/seq_mean"]) < 1e-2 and "actor/policy_loss" in second
