@@ -94,3 +94,18 @@ def preference_record(task: Task, rng: random.Random) -> dict:
 
 def prompt_record(task: Task) -> dict:
     return {"prompt": task.messages(), "answer": task.answer, "kind": task.kind}
+
+
+def spread_over_kinds(records: list[dict], n: int) -> list[dict]:
+    """`n` records taken in file order, one of each task kind in turn (`KINDS` order, then any other
+    kind), so a handful of demo prompts shows every kind instead of the first few records' kinds."""
+    by_kind: dict[str, list[dict]] = {}
+    for r in records:
+        by_kind.setdefault(r.get("kind", ""), []).append(r)
+    order = [k for k in KINDS if k in by_kind] + [k for k in by_kind if k not in KINDS]
+    out: list[dict] = []
+    while len(out) < min(n, len(records)):
+        for k in order:
+            if by_kind[k] and len(out) < n:
+                out.append(by_kind[k].pop(0))
+    return out

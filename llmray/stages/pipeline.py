@@ -50,7 +50,8 @@ class PipelineConfig:
     force: bool = False
     """Redo stages even when their artifact is complete."""
     demo_requests: int = 4
-    """Requests sent to the endpoint at the end; their answers are printed."""
+    """Requests sent to the endpoint at the end, one held-out prompt of each task kind in turn; their
+    answers are printed."""
     eval_prompts: int = 200
     heldout_documents: int = 64
     sampled_k: int = 4
@@ -295,7 +296,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
 
         client = OpenAI(base_url=handle.url, api_key=handle.api_key or "none", timeout=120)
         model_id = client.models.list().data[0].id
-        rows = read_jsonl_dir(f"{p.corpus}/eval", cfg.demo_requests) or [
+        rows = tasks.spread_over_kinds(read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts), cfg.demo_requests) or [
             tasks.prompt_record(tasks.make_task(random.Random(i))) for i in range(cfg.demo_requests)]
         t0 = time.monotonic()
         for row in rows[: cfg.demo_requests]:

@@ -70,3 +70,13 @@ def test_task_math():
     assert tasks.reward(t.answer, f"The answer is {t.answer}.") == 1.0
     assert tasks.reward(t.answer, "I think 5") == 0.0
     assert tasks.extract_answer("blah The answer is -3.") == "-3"
+
+
+def test_demo_prompts_spread_over_task_kinds():
+    from llmray.data.tasks import spread_over_kinds
+
+    recs = [{"kind": k, "i": i} for i, k in enumerate(["add", "add", "sub", "add", "max", "sub", "repeat", "odd"])]
+    got = spread_over_kinds(recs, 4)
+    assert [r["kind"] for r in got] == ["add", "sub", "max", "repeat"] and [r["i"] for r in got] == [0, 2, 4, 6]
+    assert [r["i"] for r in spread_over_kinds(recs, 7)] == [0, 2, 4, 6, 7, 1, 5]
+    assert len(spread_over_kinds(recs, 20)) == len(recs) and spread_over_kinds([], 4) == []
