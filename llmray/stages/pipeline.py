@@ -296,7 +296,8 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
 
         client = OpenAI(base_url=handle.url, api_key=handle.api_key or "none", timeout=120)
         model_id = client.models.list().data[0].id
-        rows = tasks.spread_over_kinds(read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts), cfg.demo_requests) or [
+        eval_rows = read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)
+        rows = tasks.spread_over_kinds(eval_rows, cfg.demo_requests) or [
             tasks.prompt_record(tasks.make_task(random.Random(i))) for i in range(cfg.demo_requests)]
         t0 = time.monotonic()
         for row in rows[: cfg.demo_requests]:
@@ -312,7 +313,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
         result = {"url": handle.url, "answers": answers, "served_model_dir": str(serve_cfg.model),
                   "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
                   "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None}
-        result.update(_served_eval(cfg, serve_cfg, handle, model_id, p))
+        result.update(_served_eval(cfg, serve_cfg, handle, model_id, p, eval_rows))
         if cfg.keep_serving:
             print(f"serving at {handle.url} (Ctrl-C to stop)")
             try:
@@ -325,18 +326,17 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
         handle.shutdown()
 
 
-def _served_eval(cfg: PipelineConfig, serve_cfg, handle, model_id: str, p: Paths) -> dict:
+def _served_eval(cfg: PipelineConfig, serve_cfg, handle, model_id: str, p: Paths, rows: list[dict]) -> dict:
     """The eval stage on the live endpoint and on the served model directory offline (`eval` section:
     llmray.stages.eval.EvalConfig keys); a failure is reported in `eval_error`, not fatal."""
     from llmray import evaluation
     from llmray.stages import eval as evalstage
 
-    # Offline answers from the rollout engine by default here: 12 s against Ray Data LLM's 41 s for the
-    # same 200 prompts on 2 cores (actor pools start up), and no CPUs taken from the serving replica.
+    # Offline answers from the rollout engine by default here: one engine process starts sooner than
+    # Ray Data LLM's actor pools and takes no CPUs from the serving replica (docs/eval.md).
     offline = {"backend": "vllm", **cfg.eval.get("offline", {})}
     ecfg = cfglib.build(evalstage.EvalConfig, {**cfg.eval, "offline": offline, "model": str(serve_cfg.model)},
                         prefix="eval")
-    rows = evaluation.read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)
     if not rows or not ecfg.served:
         return {}
     out: dict[str, Any] = {}
