@@ -12,7 +12,7 @@ worker busy-polls for 1 s after a load, which would otherwise slow the round aft
 
 Models: a target and a smaller draft (same tokenizer) trained here by a short plain-torch LM loop
 (fast and independent of the training stage's Ray/DeepSpeed start-up); the target is then
-quantized with `llmray.serving.quantize`. Prompt lookup only pays on a model that copies its
+quantized by the quantize stage (W8A8, llm-compressor). Prompt lookup only pays on a model that copies its
 context, and short LM training on text never teaches that: the target first learns to copy
 (random token segments repeated: only copying predicts them), then trains on documents that repeat
 passages mixed with repeated random-word segments up to ~150 tokens apart (see `train_copying_lm`).
@@ -230,9 +230,10 @@ def prepare(untrained: bool = False) -> dict[str, Path]:
                                               "num_heads": 2, "num_kv_heads": 1}, steps=TRAIN_STEPS, seed=1)
     from llmray.stages.quantize import QuantizeConfig, run as quantize
 
-    q = quantize(QuantizeConfig(model=str(target), output=str(WORK / "target-w8a8"), eval_docs=32, eval_tasks=0))
+    q = quantize(QuantizeConfig(model=str(target), output=str(WORK / "target-w8a8"), eval_docs=32, eval_tasks=0,
+                                group_size=64))
     log(f"quantized: ppl {q['ppl_original']} -> {q['ppl_quantized']} ({100 * q['ppl_increase']:+.2f}%), "
-        f"size {q['bytes_original']} -> {q['bytes_quantized']} bytes")
+        f"size ratio {q['size_ratio']}")
     return {"target": target, "draft": draft, "quantized": Path(q["output"]), "quant_metrics": q}
 
 
@@ -421,8 +422,7 @@ def table(results: dict[str, dict[int, dict]], quant: dict) -> str:
     if quant is None:
         lines.append("(--untrained: an untrained target of the same shape; no speculation or W8A8 variants)")
         return "\n".join(lines)
-    lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f} "
-                 f"(bytes {quant['bytes_original']} -> {quant['bytes_quantized']}), "
+    lines.append(f"w8a8 size ratio {quant['size_ratio']:.3f}, "
                  f"perplexity {quant['ppl_original']} -> {quant['ppl_quantized']} "
                  f"({100 * quant['ppl_increase']:+.2f}%, "
                  f"gate {100 * quant['max_ppl_increase']:.0f}%)")

@@ -39,6 +39,7 @@ def build(paths, results: dict, out: Path) -> list[Block]:
                    Image(png, "held-out perplexity and task accuracy after each stage")]
         blocks += sections.heldout_section(results)
     blocks += sections.warnings_section(stages)
+    blocks += sections.quantize_section(results)
     blocks += sections.serve_section(results)
     blocks += sections.lm_eval_section(stages)
     blocks += sections.stage_table(stages, run.get("stage_seconds") or {})

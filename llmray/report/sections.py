@@ -152,3 +152,31 @@ def dropped_section(results: dict) -> list[Block]:
     if not rows:
         return []
     return [Heading("Documents dropped, by reason"), Table(["reason", "documents"], rows, align=["l", "r"])]
+
+
+def quantize_section(results: dict) -> list[Block]:
+    """The quantize gate's table: every scheme against the original, measured on the serving vLLM engine."""
+    q = results.get("quantize") or {}
+    rows = q.get("schemes") if isinstance(q.get("schemes"), dict) else {}
+    if not rows and not q.get("refused"):
+        return []
+    out: list[Block] = [Heading("Quantization gate"),
+                        Para("Each scheme (llm-compressor) against the original, measured on the vLLM engine that "
+                             "serves it: held-out perplexity from the engine's prompt log-probs, greedy task accuracy, "
+                             "output tok/s per concurrency (speedup over the original). Serving concurrency: "
+                             f"{q.get('serving_concurrency', '?')}.")]
+    if rows:
+        cs = sorted({c for r in rows.values() for c in (r.get("tok_s") or {})}, key=int)
+        table = Table(["scheme", "size ratio", "held-out ppl", "ppl change", "task accuracy"]
+                      + [f"tok/s c={c}" for c in cs] + ["published"], [], align=["l"] + ["r"] * (4 + len(cs)) + ["l"])
+        for name, r in rows.items():
+            speed = [fmt(r.get("tok_s", {}).get(c), 1) + (f" ({fmt(r['speedup'][c], 3)}×)"
+                                                          if c in (r.get("speedup") or {}) else "") for c in cs]
+            change = f"{100 * r['ppl_increase']:+.2f}%" if "ppl_increase" in r else "—"
+            pub = "—" if name == "original" else ("yes" if r.get("published") else "no: " + "; ".join(r["refused"]))
+            table.rows.append([name, fmt(r.get("size_ratio", 1.0)), fmt(r.get("ppl")), change, fmt(r.get("accuracy")),
+                               *speed, cell(pub)])
+        out.append(table)
+    if q.get("refused"):
+        out.append(Para(f"Refused: {cell(q['refused'].splitlines()[0])} The endpoint serves the RL model."))
+    return out

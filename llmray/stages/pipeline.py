@@ -23,7 +23,7 @@ from llmray import artifacts
 from llmray import config as cfglib
 from llmray.cluster import RayConfig
 from llmray.config import ConfigError, check
-from llmray.errors import UserError
+from llmray.errors import GateRefused, UserError
 from llmray.report.memory import PeakMemory
 from llmray.stages import STAGES, get
 
@@ -135,7 +135,8 @@ def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
         "ppo": {"model": p.sft, "reward.model": p.reward_model, "prompts": f"{p.corpus}/prompts",
                 "eval_prompts": f"{p.corpus}/eval", "num_eval": cfg.eval_prompts, "eval_sampled_k": cfg.sampled_k,
                 "output": p.ppo, "run_dir": p.run_dir("ppo")},
-        "quantize": {"model": p.ppo, "output": p.quantize},
+        "quantize": {"model": p.ppo, "output": p.quantize, "eval_prompts": f"{p.corpus}/eval",
+                     "eval_tasks": cfg.eval_prompts, "eval_docs": cfg.heldout_documents},
         "serve": {"model": p.quantize},
     }
 
@@ -232,7 +233,11 @@ def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, 
             stage_cfg = configs[name]
             if cfg.force:
                 stage_cfg = _with_force(stage_cfg)
-            results[name] = dict(get(name).run_fn()(stage_cfg) or {})
+            try:
+                results[name] = dict(get(name).run_fn()(stage_cfg) or {})
+            except GateRefused as e:  # a refused artifact is a result, not a failed run: serve falls back
+                log.warning("%s: %s", name, e)
+                results[name] = {"refused": str(e)}
             results[name].update(_evaluate(cfg, name, p, results[name]))
         timings[name] = round(time.monotonic() - start, 1)
         results[name]["elapsed_s"] = timings[name]
@@ -247,20 +252,19 @@ def _with_force(stage_cfg):
 
 def _evaluate(cfg: PipelineConfig, name: str, p: Paths, stage_result: dict) -> dict:
     """Held-out perplexity and task accuracy for stages that produce a causal LM: the eval stage's
-    `model_metrics` (llmray.stages.eval; one implementation, shared with the quantize gate).
+    `model_metrics` (llmray.stages.eval). The quantized model is measured by the quantize stage's own gate
+    on the vLLM engine that serves it (its result carries `heldout_ppl` and `task_accuracy`).
 
     The RL stage scores the held-out prompts itself, on its vLLM engines at the end of the run (the
     same greedy tokens as transformers in fp32; in `make run`, 200 greedy and 800 sampled answers took
     17 s there against ~22 s in transformers here): its task scores are kept and only the perplexity
     is computed here."""
-    if name not in ("pretrain", "sft", "ppo", "quantize"):
+    if name not in ("pretrain", "sft", "ppo"):
         return {}
     from llmray import evaluation
     from llmray.stages.eval import model_metrics
 
     model_dir = p.of(name)
-    if name == "quantize" and not artifacts.is_complete(model_dir):
-        return {}
     out: dict[str, Any] = {}
     try:
         eval_rows = evaluation.read_jsonl_dir(f"{p.corpus}/eval", cfg.eval_prompts)

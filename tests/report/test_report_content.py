@@ -147,3 +147,22 @@ def test_report_without_serve_or_lm_eval(tmp_path):
     assert "lm-eval" not in md and "served model" not in md
     assert "![held-out perplexity and task accuracy after each stage](summary.png)" in md
     assert "| corpus | — | documents=4000 |" in md
+
+
+def test_quantize_table_shows_each_scheme_and_why_one_was_refused():
+    from llmray.report.doc import to_markdown
+    from llmray.report.sections import quantize_section
+
+    rows = {"original": {"ppl": 98.9, "accuracy": 0.545, "tok_s": {"1": 270.0, "8": 1760.0}, "size_ratio": 1.0},
+            "w8a8": {"ppl": 99.0, "ppl_increase": 0.001, "accuracy": 0.54, "size_ratio": 0.37,
+                     "tok_s": {"1": 300.0, "8": 1990.0}, "speedup": {"1": 1.11, "8": 1.13}, "published": True,
+                     "refused": []},
+            "w4a16": {"ppl": 104.0, "ppl_increase": 0.052, "accuracy": 0.5, "size_ratio": 0.28,
+                      "tok_s": {"1": 200.0, "8": 1100.0}, "speedup": {"1": 0.74, "8": 0.63}, "published": False,
+                      "refused": ["held-out perplexity rose 5.20%"]}}
+    md = to_markdown(quantize_section({"quantize": {"schemes": rows, "serving_concurrency": 8}}))
+    lines = [x for x in md.splitlines() if x.startswith("| w")]
+    assert len(lines) == 2 and "1,990 (1.13×)" in lines[0] and lines[0].rstrip(" |").endswith("yes")
+    assert "no: held-out perplexity rose 5.20%" in lines[1] and "+5.20%" in lines[1]
+    assert "Serving concurrency: 8" in md
+    assert quantize_section({"quantize": {"skipped": True}}) == []
