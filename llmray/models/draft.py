@@ -128,7 +128,7 @@ def _train(draft, target, seqs, steps, batch_size, lr, kl_weight, pad_id, seed, 
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step == 1 or step % log_every == 0 or step == steps:
             progress(f"[draft] step {step}/{steps} loss {losses[-1]:.4f} "
                      + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))

@@ -90,6 +90,9 @@ class DraftGateConfig:
     max_tokens: int = 64
     """Tokens decoded per request for the greedy comparison and for tok/s."""
     min_requests: int = 8
+    model: str | None = None
+    """The model that will serve with the speculation (e.g. the quantized target; same tokenizer), if not
+    `model`: the gate measures plain and speculative decoding on it."""
 
     def __post_init__(self) -> None:
         check(self.concurrency >= 1, "gate.concurrency", "must be >= 1")
@@ -211,6 +214,8 @@ def run(cfg: DraftConfig, progress=None) -> dict:
 
     say = progress or (lambda m: (log.info(m), print(m, flush=True)))
     check_model_dir(cfg.model)
+    if cfg.gate.model:
+        check_model_dir(cfg.gate.model, "gate.model")
     out = Path(cfg.output).resolve()
     if artifacts.is_complete(out, "model") and not cfg.force:
         m = artifacts.read_manifest(out)
@@ -240,10 +245,11 @@ def run(cfg: DraftConfig, progress=None) -> dict:
                "generate_s": round(t_gen, 1), "train_s": round(t_train, 1)}
     with artifacts.publish(out) as tmp:
         save_draft(draft, cfg.model, tmp)
-        check_draft_tokenizer(cfg.model, tmp)
-        variants = {"plain": (cfg.model, engine(cfg))}
+        served = cfg.gate.model or cfg.model
+        check_draft_tokenizer(served, tmp)
+        variants = {"plain": (served, engine(cfg))}
         for c in cfg.gate.candidates:
-            variants[c] = (cfg.model, engine(cfg, c, tmp))
+            variants[c] = (served, engine(cfg, c, tmp))
         results = probe(variants, probe_spec(cfg, tok), progress=say)
         decision = speculative_decision(results, cfg.gate.concurrency, cfg.gate.min_speedup,
                                         cfg.gate.num_speculative_tokens, str(out))

@@ -86,6 +86,7 @@ def test_gate_decision_is_in_the_manifest_of_a_loadable_draft(draft_run):
 
 def test_bad_config_keys_are_named(tiny_model_dir, tmp_path):
     from llmray.config import ConfigError, build
+    from llmray.errors import UserError
     from llmray.stages.draft import DraftConfig, run
 
     with pytest.raises(ConfigError, match="gate.concurency"):
@@ -100,6 +101,9 @@ def test_bad_config_keys_are_named(tiny_model_dir, tmp_path):
         build(DraftConfig, {"max_model_len": 64})
     with pytest.raises(ConfigError, match="num_layers: must be <= the target's 2 layers"):
         run(build(DraftConfig, {"model": str(tiny_model_dir), "output": str(tmp_path / "d"), "num_layers": 3}))
+    with pytest.raises(UserError, match="gate.model"):
+        run(build(DraftConfig, {"model": str(tiny_model_dir), "output": str(tmp_path / "d"),
+                                "gate": {"model": str(tmp_path / "nowhere")}}))
     assert not (tmp_path / "d").exists()
 
 
