@@ -133,13 +133,26 @@ class DraftConfig:
 Config = DraftConfig
 
 
-def _chat_prompts(tok, n: int, seed: int) -> list[list[int]]:
+def _chat_prompts(tok, n: int, seed: int, exclude: int = 0) -> list[list[int]]:
+    """`n` task chat prompts, none of them among the first `exclude` prompts of seed - 1 (the training ones)."""
     from llmray.data import tasks
 
+    seen = set()
+    if exclude:
+        rng = random.Random(seed - 1)
+        seen = {tasks.make_task(rng).prompt for _ in range(exclude)}
     rng = random.Random(seed)
-    recs = [tasks.prompt_record(tasks.make_task(rng)) for _ in range(n)]
-    return [list(tok.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True)
-                 ["input_ids"]) for r in recs]
+    out = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        t = tasks.make_task(rng)
+        if t.prompt in seen:
+            continue
+        msgs = tasks.prompt_record(t)["prompt"]
+        out.append(list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]))
+    return out
 
 
 def _doc_prefixes(tok, n: int, seed: int, prefix_tokens: int, texts: str | None, skip: int = 0) -> list[list[int]]:
@@ -162,10 +175,11 @@ def _doc_prefixes(tok, n: int, seed: int, prefix_tokens: int, texts: str | None,
 
 
 def held_out_prompts(cfg: DraftConfig, tok) -> list[list[int]]:
-    """The gate's prompts: task chat prompts and document prefixes, seeded apart from the training data."""
+    """The gate's prompts: task chat prompts (none seen in training) and document prefixes, seeded apart from
+    the training data."""
     g, d = cfg.gate, cfg.data
     n_chat = g.prompts // 2
-    return (_chat_prompts(tok, n_chat, d.seed + 1)
+    return (_chat_prompts(tok, n_chat, d.seed + 1, exclude=d.prompts)
             + _doc_prefixes(tok, g.prompts - n_chat, d.seed + 1, d.prefix_tokens, d.texts, skip=d.documents))
 
 
