@@ -133,3 +133,16 @@ def test_speculative_decision_picks_the_fastest_identical_candidate():
     res["ngram"]["answers"] = [[5, 6, 7], [8, 1]]
     d8 = speculative_decision(res, 8, 1.1, 3, "/m/draft")
     assert d8["method"] is None and d8["num_speculative_tokens"] is None and d8["identical"]["ngram"] is False
+
+
+def test_gate_prompts_are_held_out_from_the_training_prompts(tokenizer_dir):
+    from llmray.config import build
+    from llmray.models.tokenizer import load_tokenizer
+    from llmray.stages.draft import DraftConfig, _chat_prompts, _doc_prefixes, held_out_prompts
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = build(DraftConfig, {"data": {"prompts": 300, "documents": 20}, "gate": {"prompts": 40}})
+    held = held_out_prompts(cfg, tok)
+    train = _chat_prompts(tok, 300, cfg.data.seed) + _doc_prefixes(tok, 20, cfg.data.seed, 32, None)
+    assert len(held) == 40 and not [p for p in held if p in train]
+    assert all(8 <= len(p) for p in held)
