@@ -21,13 +21,36 @@ GATE_PROMPTS = [
 ]
 
 
-def decide(baseline_tok_s: float, candidates: dict[str, float], min_speedup: float) -> dict[str, Any]:
-    """Pick the fastest candidate whose tok/s is at least `min_speedup` x the baseline, or none."""
+def decide(baseline_tok_s: float, candidates: dict[str, float], min_speedup: float,
+           identical: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Pick the fastest candidate whose tok/s is at least `min_speedup` x the baseline, or none. With
+    `identical` (candidate -> greedy outputs equal the baseline's), a candidate that changed them is never picked."""
     speedups = {k: v / baseline_tok_s if baseline_tok_s > 0 else 0.0 for k, v in candidates.items()}
-    passing = {k: s for k, s in speedups.items() if s >= min_speedup}
+    ok = identical or {}
+    passing = {k: s for k, s in speedups.items() if s >= min_speedup and ok.get(k, identical is None)}
     chosen = max(passing, key=passing.get) if passing else None
-    return {"baseline_tok_s": round(baseline_tok_s, 1), "speedups": {k: round(s, 3) for k, s in speedups.items()},
-            "min_speedup": min_speedup, "enabled": chosen}
+    out = {"baseline_tok_s": round(baseline_tok_s, 1), "speedups": {k: round(s, 3) for k, s in speedups.items()},
+           "min_speedup": min_speedup, "enabled": chosen}
+    if identical is not None:
+        out["identical"] = {k: bool(ok.get(k, False)) for k in candidates}
+    return out
+
+
+def speculative_decision(results: dict[str, dict[str, Any]], concurrency: int, min_speedup: float,
+                         num_speculative_tokens: int, draft_model: str | None) -> dict[str, Any]:
+    """The draft stage's gate: from `serving.probe` results of `plain` and the candidates (`draft`, `ngram`),
+    the speculation to serve with at `concurrency` (output tok/s, greedy answers identical to plain)."""
+    c = str(concurrency)
+    plain = results["plain"]
+    cands = {k: r for k, r in results.items() if k != "plain"}
+    d = decide(plain["tok_s"][c], {k: r["tok_s"][c] for k, r in cands.items()}, min_speedup,
+               identical={k: r.get("answers") == plain.get("answers") for k, r in cands.items()})
+    method = d["enabled"]
+    return {"method": method, "num_speculative_tokens": num_speculative_tokens if method else None,
+            "draft_model": draft_model if method == "draft" else None, "concurrency": concurrency,
+            "tok_s": {"plain": plain["tok_s"][c], **{k: r["tok_s"][c] for k, r in cands.items()}},
+            "acceptance_rate": {k: r.get("acceptance_rate") for k, r in cands.items()},
+            **{k: d[k] for k in ("speedups", "identical", "min_speedup")}}
 
 
 def variant(cfg: ServeConfig, name: str) -> ServeConfig:

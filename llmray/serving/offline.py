@@ -51,6 +51,33 @@ def run_variant(model: str, engine: dict[str, Any], prompts: list, max_tokens: i
             "acceptance_rate": accepted / drafted if drafted else None}
 
 
+def generate(model: str, engine: dict[str, Any], prompts: list[list[int]], max_tokens: int, sampled: int = 0,
+             seed: int = 0) -> list[list[int]]:
+    """The model's own continuations of token-id prompts: one greedy (temperature 0) per prompt, then
+    `sampled` at temperature 1 per prompt; each `max_tokens` long (past EOS, as the speed probe decodes).
+    Builds an engine in this process: call it through `in_child`."""
+    from llmray.config import build
+    from llmray.vllm_engine import EngineConfig, build_llm
+
+    llm = build_llm(model, build(EngineConfig, engine))
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = [list(o.outputs[0].token_ids) for o in llm.generate(inputs, greedy, use_tqdm=False)]
+    if sampled:
+        params = SamplingParams(temperature=1.0, n=sampled, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+        outs += [list(c.token_ids) for o in llm.generate(inputs, params, use_tqdm=False) for c in o.outputs]
+    return outs
+
+
+def in_child(fn, *args):
+    """`fn(*args)` in a fresh spawned process (one vLLM engine per process; see `run_variant`)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     results = {}

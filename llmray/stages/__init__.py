@@ -65,6 +65,8 @@ STAGES: dict[str, Stage] = {
         Stage("dpo", "direct preference optimisation on preference pairs"),
         Stage("ppo", "RL with actor/critic/ref/reward/rollout worker groups (PPO, GRPO, RLOO)", "rl", "rl", "model"),
         Stage("quantize", "quantize a model for vLLM, gated on perplexity", "quantize", "quantized", "model"),
+        Stage("draft", "train a draft model for speculative decoding by distilling the target", "draft", "draft",
+              "model"),
         Stage("eval", "perplexity, task accuracy, lm-eval and offline generation of a model or endpoint"),
         Stage("serve", "serve a model over an OpenAI-compatible HTTP API on Ray Serve", "serve", "serve"),
         Stage("pipeline", "the whole life: corpus to served model, with a run report"),
