@@ -1,8 +1,9 @@
 """Runs INSIDE the isolated llm-compressor environment (llmray.envs): one scheme, one llm-compressor
 `oneshot` over our calibration documents, the compressed-tensors checkpoint written to the output dir.
 
-`python compress_worker.py spec.json` with spec = {"model", "output", "scheme", "calibration" (JSONL of
-{"text"}), "num_samples", "max_seq_length", "ignore", "group_size", "smoothing_strength"}.
+`python compress_worker.py spec.json ...`, one file per scheme (one process imports llm-compressor once for
+all of them), each spec = {"model", "output", "scheme", "calibration" (JSONL of {"text"}), "num_samples",
+"max_seq_length", "ignore", "group_size", "smoothing_strength"}.
 Imports only what that environment has (no llmray): the stage runs it as a script, by path.
 """
 
@@ -45,7 +46,7 @@ def recipe(scheme: str, ignore: list[str], group_size: int, smoothing_strength: 
     raise SystemExit(f"scheme: unknown {scheme!r}")
 
 
-def main(spec_path: str) -> int:
+def compress(spec_path: str) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,8 +67,9 @@ def main(spec_path: str) -> int:
     model.save_pretrained(s["output"], save_compressed=True)
     tok.save_pretrained(s["output"])
     print(f"[compress] {s['scheme']}: written to {s['output']} in {time.monotonic() - t0:.1f} s", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    for path in sys.argv[1:]:
+        compress(path)
+    sys.exit(0)

@@ -67,6 +67,9 @@ class PipelineConfig:
     reward_model: dict[str, Any] = field(default_factory=dict)
     rl: dict[str, Any] = field(default_factory=dict)
     quantize: dict[str, Any] = field(default_factory=dict)
+    draft: dict[str, Any] = field(default_factory=dict)
+    """The draft stage (llmray.stages.draft): a draft model distilled from the RL model, and the speculative
+    gate measured on the model that is served; its decision configures the endpoint's speculation."""
     serve: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     """The eval stage's settings for the served model (llmray.stages.eval.EvalConfig keys: lm_eval,
@@ -137,6 +140,8 @@ def wiring(cfg: PipelineConfig, p: Paths) -> dict[str, dict[str, Any]]:
                 "output": p.ppo, "run_dir": p.run_dir("ppo")},
         "quantize": {"model": p.ppo, "output": p.quantize, "eval_prompts": f"{p.corpus}/eval",
                      "eval_tasks": cfg.eval_prompts, "eval_docs": cfg.heldout_documents},
+        # Distil from the unquantized RL model (the KL term runs it in torch); measure speculation on the served one.
+        "draft": {"model": p.ppo, "gate.model": p.quantize, "output": p.draft},
         "serve": {"model": p.quantize},
     }
 
@@ -233,6 +238,8 @@ def _run_stages(cfg: PipelineConfig, names: list[str], configs: dict, p: Paths, 
             stage_cfg = configs[name]
             if cfg.force:
                 stage_cfg = _with_force(stage_cfg)
+            if name == "draft" and not artifacts.is_complete(p.quantize):  # the quantize gate refused: RL model
+                stage_cfg = cfglib.replace(stage_cfg, gate=cfglib.replace(stage_cfg.gate, model=p.ppo))
             try:
                 results[name] = dict(get(name).run_fn()(stage_cfg) or {})
             except GateRefused as e:  # a refused artifact is a result, not a failed run: serve falls back
@@ -279,6 +286,24 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths, stage_result: dict) -> d
     return out
 
 
+def with_speculation(serve_cfg, p: Paths):
+    """The endpoint's engine with the speculation the draft stage's gate enabled (draft model or n-gram),
+    unless the serve section sets its own `engine.speculative`."""
+    from llmray.serving.speculative import SpeculativeConfig
+
+    if serve_cfg.engine.speculative.enabled or not artifacts.is_complete(p.draft, "model"):
+        return serve_cfg
+    spec = artifacts.read_manifest(p.draft).metrics.get("speculative") or {}
+    if not spec.get("method"):
+        log.info("draft gate enabled no speculation; serving without it")
+        return serve_cfg
+    chosen = SpeculativeConfig(method=spec["method"], draft_model=spec.get("draft_model"),
+                               num_speculative_tokens=spec.get("num_speculative_tokens") or 3)
+    log.info("serving with %s speculation (%s tokens), enabled by the draft gate", chosen.method,
+             chosen.num_speculative_tokens)
+    return cfglib.replace(serve_cfg, engine=cfglib.replace(serve_cfg.engine, speculative=chosen))
+
+
 def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
     """Start the endpoint, send the demo requests with the official openai client, print answers;
     then the eval stage on it: served greedy accuracy on the held-out prompts, lm-eval against it, and
@@ -293,6 +318,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
     if not artifacts.is_complete(serve_cfg.model):  # the quality gate refused the quantized model
         log.warning("quantized model not published (gate); serving the RL model instead")
         serve_cfg = cfglib.replace(serve_cfg, model=p.ppo)
+    serve_cfg = with_speculation(serve_cfg, p)
     handle = start(serve_cfg)
     answers, latencies, tokens = [], [], 0
     try:
@@ -315,6 +341,7 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
             print(f"  Q: {row['prompt'][-1]['content']}\n  A: {text}")
         wall = time.monotonic() - t0
         result = {"url": handle.url, "answers": answers, "served_model_dir": str(serve_cfg.model),
+                  "speculative": serve_cfg.engine.speculative.method,
                   "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
                   "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None}
         result.update(_served_eval(cfg, serve_cfg, handle, model_id, p, eval_rows))

@@ -157,20 +157,30 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
-def compress(cfg: QuantizeConfig, scheme: str, src: Path, out: Path, calibration: Path, python: Path | None) -> None:
-    """One scheme's checkpoint into `out` (an empty dir)."""
-    if scheme == "rtn_w8a8":
-        q.write_rtn_w8a8(src, out, cfg.ignore)
-        return
-    from llmray import envs
+def compress(cfg: QuantizeConfig, src: Path, work: Path, calibration: Path, python: Path | None) -> dict[str, Path]:
+    """Every scheme's checkpoint into `work/<scheme>`: the llm-compressor schemes in one worker process in
+    their environment (llm-compressor imported once), `rtn_w8a8` here."""
+    out, specs = {}, []
+    for s in cfg.schemes:
+        (work / s).mkdir()
+        out[s] = work / s
+        if s == "rtn_w8a8":
+            q.write_rtn_w8a8(src, work / s, cfg.ignore)
+            continue
+        spec = {"model": str(src), "output": str(work / s), "scheme": s, "calibration": str(calibration),
+                "num_samples": cfg.calibration_samples, "max_seq_length": cfg.max_seq_length,
+                "ignore": list(cfg.ignore), "group_size": cfg.group_size, "smoothing_strength": cfg.smoothing_strength}
+        (work / f"{s}.json").write_text(json.dumps(spec))
+        specs.append(str(work / f"{s}.json"))
+    if specs:
+        from llmray import envs
 
-    spec = {"model": str(src), "output": str(out), "scheme": scheme, "calibration": str(calibration),
-            "num_samples": cfg.calibration_samples, "max_seq_length": cfg.max_seq_length,
-            "ignore": list(cfg.ignore), "group_size": cfg.group_size, "smoothing_strength": cfg.smoothing_strength}
-    spec_file = out.parent / f"{scheme}.json"
-    spec_file.write_text(json.dumps(spec))
-    worker = Path(__file__).resolve().parent.parent / "serving" / "compress_worker.py"
-    envs.run_script(python, worker, [str(spec_file)], progress=lambda line: log.debug("%s", line))
+        def progress(line: str) -> None:  # llm-compressor's per-module lines stay at debug level
+            (log.info if line.startswith("[compress]") else log.debug)("%s", line)
+
+        worker = Path(__file__).resolve().parent.parent / "serving" / "compress_worker.py"
+        envs.run_script(python, worker, specs, progress=progress)
+    return out
 
 
 def measure(cfg: QuantizeConfig, variants: dict[str, Path], tok) -> dict[str, dict[str, Any]]:
@@ -225,14 +235,8 @@ def run(cfg: QuantizeConfig) -> dict:
         with open(calibration, "w") as f:
             for t in _texts(cfg.calibration_texts, cfg.calibration_samples, cfg.seed + 2, "calibration_texts"):
                 f.write(json.dumps({"text": t}) + "\n")
-        built = {}
-        for i, s in enumerate(cfg.schemes, 1):
-            log.info("[quantize %d/%d] %s: compressing %s", i, len(cfg.schemes), s, src)
-            ts = time.monotonic()
-            (work / s).mkdir()
-            compress(cfg, s, src, work / s, calibration, python)
-            built[s] = work / s
-            log.info("[quantize %d/%d] %s: done in %.1f s", i, len(cfg.schemes), s, time.monotonic() - ts)
+        log.info("compressing %s with %s", src, ", ".join(cfg.schemes))
+        built = compress(cfg, src, work, calibration, python)
         measured = measure(cfg, {"original": src, **built}, tok)
         rows = _rows(cfg, measured, src, built)
         log.info("quantize gate (serving concurrency %d):\n%s", cfg.serving_concurrency,

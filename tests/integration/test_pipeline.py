@@ -61,6 +61,13 @@ def test_every_artifact_report_and_answers(tiny_run):
     assert set(pids) == {"rollout", "actor", "critic", "ref", "reward"}
     assert len({p for ps in pids.values() for p in ps}) == 5
     assert results["clean-dedup"], "clean-dedup reported nothing"
+    # train -> quantize -> draft -> serve: W8A8 from llm-compressor, measured on the vLLM engine and
+    # published; the draft gate's decision (draft, n-gram or none) is what the endpoint serves with.
+    q = results["quantize"]
+    assert q["schemes"]["w8a8"]["published"] and q["measured_on"] == "vllm" and q["ppl_increase"] <= 0.5
+    assert q["heldout_ppl"] == pytest.approx(q["schemes"]["w8a8"]["ppl"], rel=1e-3) and "Quantization gate" in text
+    spec = artifacts.read_manifest(workdir / "draft").metrics["speculative"]
+    assert results["serve"]["speculative"] == (spec["method"] or "none")
 
 
 
