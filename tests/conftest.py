@@ -22,7 +22,7 @@ os.environ.pop("RAY_ADDRESS", None)  # tests start their own cluster, never a us
 # configs, small files), which the full suite includes.
 HEAVY_FIXTURES = frozenset({
     "ray_cluster", "two_node_cluster", "server", "test_server", "packed_dataset", "data_corpus",
-    "clean_reference", "tiny_run", "rl_sft_model", "rl_fixed_prompts", "quantized", "draft_dir", "engine",
+    "clean_reference", "tiny_run", "rl_sft_model", "rl_fixed_prompts", "quantized", "engine",
     "group", "hf_group", "hf_models", "jobs", "runtime_env", "client", "probes", "other_model_dir", "draft_run",
 })
 

