@@ -32,7 +32,7 @@ SHARED = "/mnt/shared"
 APP_DIR = "/home/ray/llmray"
 
 # Which worker group each stage needs; stages not listed run on the CPU data group.
-GPU_STAGES = {"pretrain", "sft", "reward-model", "dpo", "ppo", "quantize"}
+GPU_STAGES = {"pretrain", "sft", "reward-model", "dpo", "ppo", "quantize", "draft"}
 NOT_A_RAYJOB = {"serve"}  # the endpoint is a RayService (rayservice.yaml)
 
 class Block(str):
@@ -157,6 +157,8 @@ def rayjob(stage) -> dict:
     group = "gpu-train" if stage.name in GPU_STAGES else "cpu-data"
     # The shared runtime_env minus pip: the image already holds the pinned packages.
     runtime_env = load_runtime_env(ROOT / "cluster" / "runtime_env.yaml", pip=False, working_dir=APP_DIR)
+    if stage.name == "quantize":  # llm-compressor's own environment (llmray.envs), built once on the shared volume
+        runtime_env.setdefault("env_vars", {})["LLMRAY_ENV_DIR"] = f"{SHARED}/llmray-envs"
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": f"llmray-{stage.name}", "labels": {"app.kubernetes.io/name": "llmray",

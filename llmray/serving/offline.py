@@ -73,8 +73,11 @@ def generate(model: str, engine: dict[str, Any], prompts: list[list[int]], max_t
 
 
 def in_child(fn, *args):
-    """`fn(*args)` in a fresh spawned process (one vLLM engine per process; see `run_variant`)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    """`fn(*args)` in a spawned process: the open `llmray.serving.probe.engine_process` if any, else a fresh
+    one (vLLM never runs an engine in the caller's process)."""
+    from llmray.serving.probe import engine_process
+
+    with engine_process() as pool:
         return pool.submit(fn, *args).result()
 
 

@@ -8,6 +8,7 @@ Used by the quantize gate (`llmray.stages.quantize`), the draft stage's speculat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -107,21 +108,37 @@ def _needs_own_process(engine: dict[str, Any]) -> bool:
     return (engine.get("speculative") or {}).get("method") == "ngram"
 
 
+_shared: ProcessPoolExecutor | None = None
+
+
+@contextlib.contextmanager
+def engine_process():
+    """One spawned process for every engine built inside this block, one engine at a time (vLLM imported
+    once, each engine freed before the next); nested blocks share the outer one's process."""
+    global _shared
+    if _shared is not None:
+        yield _shared
+        return
+    _shared = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield _shared
+    finally:
+        _shared.shutdown()
+        _shared = None
+
+
 def probe(variants: dict[str, tuple[str, dict[str, Any]]], spec: ProbeSpec,
           progress=print) -> dict[str, dict[str, Any]]:
     """{name: (model dir, EngineConfig mapping)} -> {name: measurements}. The variants run one after another
-    in one spawned process (vLLM imported once, each engine freed before the next), except n-gram ones,
-    which get a process each (`_needs_own_process`)."""
+    in the `engine_process`, except n-gram ones, which get a process each (`_needs_own_process`)."""
     from dataclasses import asdict
 
     results = {}
-    ctx = multiprocessing.get_context("spawn")
-    shared = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-    try:
+    with engine_process() as shared:
         for i, (name, (model, engine)) in enumerate(variants.items(), 1):
             progress(f"[probe {i}/{len(variants)}] {name}: starting a vLLM engine on {model}")
             if _needs_own_process(engine):
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as own:
+                with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as own:
                     r = own.submit(probe_variant, str(model), engine, asdict(spec)).result()
             else:
                 r = shared.submit(probe_variant, str(model), engine, asdict(spec)).result()
@@ -129,6 +146,4 @@ def probe(variants: dict[str, tuple[str, dict[str, Any]]], spec: ProbeSpec,
             ppl = f"ppl {r['ppl']:.3f}, " if "ppl" in r else ""
             acc = f", acceptance {r['acceptance_rate']:.3f}" if r.get("acceptance_rate") is not None else ""
             progress(f"[probe {i}/{len(variants)}] {name}: {ppl}tok/s {r['tok_s']}{acc}")
-    finally:
-        shared.shutdown()
     return results

@@ -64,9 +64,9 @@ class DraftTrainConfig:
     kl_weight: float = 1.0
     """Weight of KL(target || draft) on the generated positions; 0: CE on the target's tokens only."""
     seed: int = 0
-    threads: int = 1
-    """torch intra-op threads; 1 avoids OpenMP oversubscription beside other work (on a busy 2-core box a
-    step took 2.0 s with 2 threads, 0.07 s with 1); 0: torch's default."""
+    threads: int = 0
+    """torch intra-op threads for distillation; 0: torch's default (every core). 1 keeps it from
+    oversubscribing cores that other work on the node is using."""
 
     def __post_init__(self) -> None:
         check(self.threads >= 0, "train.threads", "must be >= 0")
@@ -223,10 +223,10 @@ def run(cfg: DraftConfig, progress=None) -> dict:
     from llmray.models.factory import load_pretrained
     from llmray.models.model_dir import check_model_dir
     from llmray.serving.gates import speculative_decision
-    from llmray.serving.probe import probe
+    from llmray.serving.probe import engine_process, probe
     from llmray.serving.speculative import check_draft_tokenizer
 
-    say = progress or (lambda m: (log.info(m), print(m, flush=True)))
+    say = progress or log.info
     check_model_dir(cfg.model)
     if cfg.gate.model:
         check_model_dir(cfg.gate.model, "gate.model")
@@ -238,38 +238,41 @@ def run(cfg: DraftConfig, progress=None) -> dict:
     target, tok = load_pretrained(cfg.model)
     check(cfg.num_layers <= target.config.num_hidden_layers, "num_layers",
           f"must be <= the target's {target.config.num_hidden_layers} layers")
-    say(f"[draft] target {cfg.model}: generating continuations of {cfg.data.prompts} prompts and "
-        f"{cfg.data.documents} document prefixes (greedy + {cfg.data.sampled} sampled each)")
-    seqs = generate_data(cfg, tok)
-    t_gen = time.monotonic() - t0
-    gen_tokens = sum(len(s) - n for s, n in seqs)
-    say(f"[draft] {len(seqs)} sequences, {gen_tokens} generated tokens in {t_gen:.1f}s")
-    draft = build_draft(target, cfg.num_layers, cfg.init, seed=cfg.train.seed)
-    tr = cfg.train
-    losses = distil(draft, target, seqs, tr.steps, tr.batch_size, tr.lr, tr.kl_weight, tok.pad_token_id,
-                    seed=tr.seed, progress=say, threads=tr.threads)
-    t_train = time.monotonic() - t0 - t_gen
-    k = min(10, len(losses))
-    metrics = {"num_layers": cfg.num_layers, "init": cfg.init,
-               "params": sum(p.numel() for p in draft.parameters()),
-               "target_params": sum(p.numel() for p in target.parameters()),
-               "sequences": len(seqs), "generated_tokens": gen_tokens, "steps": tr.steps,
-               "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-               "loss_first10": round(sum(losses[:k]) / k, 4), "loss_last10": round(sum(losses[-k:]) / k, 4),
-               "generate_s": round(t_gen, 1), "train_s": round(t_train, 1)}
-    with artifacts.publish(out) as tmp:
-        save_draft(draft, cfg.model, tmp)
-        served = cfg.gate.model or cfg.model
-        check_draft_tokenizer(served, tmp)
-        variants = {"plain": (served, engine(cfg))}
-        for c in cfg.gate.candidates:
-            variants[c] = (served, engine(cfg, c, tmp))
-        results = probe(variants, probe_spec(cfg, tok), progress=say)
-        decision = speculative_decision(results, cfg.gate.concurrency, cfg.gate.min_speedup,
-                                        cfg.gate.num_speculative_tokens, str(out))
-        say(f"[draft] gate at concurrency {cfg.gate.concurrency}: tok/s {decision['tok_s']}, acceptance "
-            f"{decision['acceptance_rate']}, identical {decision['identical']} -> {decision['method']}")
-        metrics.update(speculative=decision, elapsed_s=round(time.monotonic() - t0, 1))
-        inputs = [cfg.model] if artifacts.is_complete(cfg.model) else []
-        artifacts.write_manifest(tmp, "model", "llmray.stages.draft", to_dict(cfg), metrics, inputs)
-    return {"output": str(out), **metrics}
+    # The generation engine and the gate's engines share one spawned process (vLLM imported once); it idles
+    # while the draft trains here.
+    with engine_process():
+        say(f"[draft] target {cfg.model}: generating continuations of {cfg.data.prompts} prompts and "
+            f"{cfg.data.documents} document prefixes (greedy + {cfg.data.sampled} sampled each)")
+        seqs = generate_data(cfg, tok)
+        t_gen = time.monotonic() - t0
+        gen_tokens = sum(len(s) - n for s, n in seqs)
+        say(f"[draft] {len(seqs)} sequences, {gen_tokens} generated tokens in {t_gen:.1f}s")
+        draft = build_draft(target, cfg.num_layers, cfg.init, seed=cfg.train.seed)
+        tr = cfg.train
+        losses = distil(draft, target, seqs, tr.steps, tr.batch_size, tr.lr, tr.kl_weight, tok.pad_token_id,
+                        seed=tr.seed, progress=say, threads=tr.threads)
+        t_train = time.monotonic() - t0 - t_gen
+        k = min(10, len(losses))
+        metrics = {"num_layers": cfg.num_layers, "init": cfg.init,
+                   "params": sum(p.numel() for p in draft.parameters()),
+                   "target_params": sum(p.numel() for p in target.parameters()),
+                   "sequences": len(seqs), "generated_tokens": gen_tokens, "steps": tr.steps,
+                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+                   "loss_first10": round(sum(losses[:k]) / k, 4), "loss_last10": round(sum(losses[-k:]) / k, 4),
+                   "generate_s": round(t_gen, 1), "train_s": round(t_train, 1)}
+        with artifacts.publish(out) as tmp:
+            save_draft(draft, cfg.model, tmp)
+            served = cfg.gate.model or cfg.model
+            check_draft_tokenizer(served, tmp)
+            variants = {"plain": (served, engine(cfg))}
+            for c in cfg.gate.candidates:
+                variants[c] = (served, engine(cfg, c, tmp))
+            results = probe(variants, probe_spec(cfg, tok), progress=say)
+            decision = speculative_decision(results, cfg.gate.concurrency, cfg.gate.min_speedup,
+                                            cfg.gate.num_speculative_tokens, str(out))
+            say(f"[draft] gate at concurrency {cfg.gate.concurrency}: tok/s {decision['tok_s']}, acceptance "
+                f"{decision['acceptance_rate']}, identical {decision['identical']} -> {decision['method']}")
+            metrics.update(speculative=decision, elapsed_s=round(time.monotonic() - t0, 1))
+            inputs = [cfg.model] if artifacts.is_complete(cfg.model) else []
+            artifacts.write_manifest(tmp, "model", "llmray.stages.draft", to_dict(cfg), metrics, inputs)
+        return {"output": str(out), **metrics}
