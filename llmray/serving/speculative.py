@@ -59,3 +59,26 @@ def check_draft_tokenizer(target_dir: str | Path, draft_dir: str | Path) -> None
 
     if vocab(target_dir) != vocab(draft_dir):
         raise UserError(f"speculative.draft_model: {draft_dir} does not share the tokenizer of {target_dir}")
+
+
+def with_gate_speculation(serve_cfg, draft_dir: str | Path):
+    """`serve_cfg` (a ServeConfig) with the speculation the draft stage's gate enabled in `draft_dir`'s manifest
+    (draft model or n-gram), unless the serve section sets its own `engine.speculative` or there is no
+    complete draft artifact."""
+    import logging
+
+    from llmray import artifacts
+    from llmray import config as cfglib
+
+    log = logging.getLogger(__name__)
+    if serve_cfg.engine.speculative.enabled or not artifacts.is_complete(draft_dir, "model"):
+        return serve_cfg
+    spec = artifacts.read_manifest(draft_dir).metrics.get("speculative") or {}
+    if not spec.get("method"):
+        log.info("draft gate enabled no speculation; serving without it")
+        return serve_cfg
+    chosen = SpeculativeConfig(method=spec["method"], draft_model=spec.get("draft_model"),
+                               num_speculative_tokens=spec.get("num_speculative_tokens") or 3)
+    log.info("serving with %s speculation (%s tokens), enabled by the draft gate", chosen.method,
+             chosen.num_speculative_tokens)
+    return cfglib.replace(serve_cfg, engine=cfglib.replace(serve_cfg.engine, speculative=chosen))

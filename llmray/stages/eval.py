@@ -208,6 +208,42 @@ def compare(result: dict) -> dict:
             "served_matches_offline": gap <= MAX_GAP}
 
 
+def on_endpoint(section: dict, serve_cfg, handle, model_id: str, rows: list[dict], heldout_documents: int,
+                out_dir: str | Path) -> dict:
+    """This stage on a live endpoint the pipeline started (`section`: the pipeline's `eval` section, EvalConfig
+    keys) and on the served model directory offline; a failure is reported in `eval_error`, not fatal."""
+    from llmray import config as cfglib
+    from llmray import evaluation
+
+    # Offline answers from the rollout engine by default here: one engine process starts sooner than
+    # Ray Data LLM's actor pools and takes no CPUs from the serving replica (docs/eval.md).
+    offline = {"backend": "vllm", **section.get("offline", {})}
+    ecfg = cfglib.build(EvalConfig, {**section, "offline": offline, "model": str(serve_cfg.model)}, prefix="eval")
+    if not rows or not ecfg.served:
+        return {}
+    out: dict[str, Any] = {}
+    try:
+        out.update(endpoint_metrics(
+            handle.url, rows, evaluation.heldout_documents(heldout_documents), out_dir, handle.api_key, model_id,
+            str(serve_cfg.model), ecfg.max_new_tokens, ecfg.concurrency, ecfg.lm_eval, serve_cfg.engine.max_model_len))
+        if ecfg.offline.enabled:
+            out.update(offline_metrics(str(serve_cfg.model), rows, ecfg.offline, serve_cfg.engine, ecfg.max_new_tokens))
+        out.update(compare(out))
+    except Exception as e:  # noqa: BLE001 - the run's artifacts stand; the report names what failed
+        log.warning("evaluation of the served model failed: %s", e)
+        out["eval_error"] = str(e)[:300]
+    out.pop("served_answers", None)
+    out.pop("offline_answers", None)
+    if "served_accuracy" in out:
+        print(f"  served greedy accuracy {out['served_accuracy']:.3f} on {out['served_n']} held-out prompts; "
+              + (f"offline ({out['offline_backend']}) {out['offline_accuracy']:.3f}; gap "
+                 f"{out['served_offline_gap']:.3f} (must be <= {MAX_GAP})" if "offline_accuracy" in out
+                 else "offline skipped"), flush=True)
+    for task, metrics in out.get("lm_eval", {}).items():
+        print(f"  lm-eval {task}: {json.dumps(metrics)}", flush=True)
+    return out
+
+
 def _start_local(cfg: EvalConfig):
     from llmray.cluster import init_ray
     from llmray.config import build, to_dict

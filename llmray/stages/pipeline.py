@@ -286,24 +286,6 @@ def _evaluate(cfg: PipelineConfig, name: str, p: Paths, stage_result: dict) -> d
     return out
 
 
-def with_speculation(serve_cfg, p: Paths):
-    """The endpoint's engine with the speculation the draft stage's gate enabled (draft model or n-gram),
-    unless the serve section sets its own `engine.speculative`."""
-    from llmray.serving.speculative import SpeculativeConfig
-
-    if serve_cfg.engine.speculative.enabled or not artifacts.is_complete(p.draft, "model"):
-        return serve_cfg
-    spec = artifacts.read_manifest(p.draft).metrics.get("speculative") or {}
-    if not spec.get("method"):
-        log.info("draft gate enabled no speculation; serving without it")
-        return serve_cfg
-    chosen = SpeculativeConfig(method=spec["method"], draft_model=spec.get("draft_model"),
-                               num_speculative_tokens=spec.get("num_speculative_tokens") or 3)
-    log.info("serving with %s speculation (%s tokens), enabled by the draft gate", chosen.method,
-             chosen.num_speculative_tokens)
-    return cfglib.replace(serve_cfg, engine=cfglib.replace(serve_cfg.engine, speculative=chosen))
-
-
 def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
     """Start the endpoint, send the demo requests with the official openai client, print answers;
     then the eval stage on it: served greedy accuracy on the held-out prompts, lm-eval against it, and
@@ -314,11 +296,13 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
     from llmray.data import tasks
     from llmray.evaluation import read_jsonl_dir
     from llmray.serving.server import start
+    from llmray.serving.speculative import with_gate_speculation
+    from llmray.stages import eval as evalstage
 
     if not artifacts.is_complete(serve_cfg.model):  # the quality gate refused the quantized model
         log.warning("quantized model not published (gate); serving the RL model instead")
         serve_cfg = cfglib.replace(serve_cfg, model=p.ppo)
-    serve_cfg = with_speculation(serve_cfg, p)
+    serve_cfg = with_gate_speculation(serve_cfg, p.draft)
     handle = start(serve_cfg)
     answers, latencies, tokens = [], [], 0
     try:
@@ -344,7 +328,8 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
                   "speculative": serve_cfg.engine.speculative.method,
                   "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
                   "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None}
-        result.update(_served_eval(cfg, serve_cfg, handle, model_id, p, eval_rows))
+        result.update(evalstage.on_endpoint(cfg.eval, serve_cfg, handle, model_id, eval_rows,
+                                            cfg.heldout_documents, p.root / "eval" / "serve"))
         if cfg.keep_serving:
             print(f"serving at {handle.url} (Ctrl-C to stop)")
             try:
@@ -355,44 +340,6 @@ def serve_and_ask(cfg: PipelineConfig, serve_cfg, p: Paths) -> dict:
         return result
     finally:
         handle.shutdown()
-
-
-def _served_eval(cfg: PipelineConfig, serve_cfg, handle, model_id: str, p: Paths, rows: list[dict]) -> dict:
-    """The eval stage on the live endpoint and on the served model directory offline (`eval` section:
-    llmray.stages.eval.EvalConfig keys); a failure is reported in `eval_error`, not fatal."""
-    from llmray import evaluation
-    from llmray.stages import eval as evalstage
-
-    # Offline answers from the rollout engine by default here: one engine process starts sooner than
-    # Ray Data LLM's actor pools and takes no CPUs from the serving replica (docs/eval.md).
-    offline = {"backend": "vllm", **cfg.eval.get("offline", {})}
-    ecfg = cfglib.build(evalstage.EvalConfig, {**cfg.eval, "offline": offline, "model": str(serve_cfg.model)},
-                        prefix="eval")
-    if not rows or not ecfg.served:
-        return {}
-    out: dict[str, Any] = {}
-    try:
-        out.update(evalstage.endpoint_metrics(
-            handle.url, rows, evaluation.heldout_documents(cfg.heldout_documents), p.root / "eval" / "serve",
-            handle.api_key, model_id, str(serve_cfg.model), ecfg.max_new_tokens, ecfg.concurrency, ecfg.lm_eval,
-            serve_cfg.engine.max_model_len))
-        if ecfg.offline.enabled:
-            out.update(evalstage.offline_metrics(str(serve_cfg.model), rows, ecfg.offline, serve_cfg.engine,
-                                                 ecfg.max_new_tokens))
-        out.update(evalstage.compare(out))
-    except Exception as e:  # noqa: BLE001 - the run's artifacts stand; the report names what failed
-        log.warning("evaluation of the served model failed: %s", e)
-        out["eval_error"] = str(e)[:300]
-    out.pop("served_answers", None)
-    out.pop("offline_answers", None)
-    if "served_accuracy" in out:
-        print(f"  served greedy accuracy {out['served_accuracy']:.3f} on {out['served_n']} held-out prompts; "
-              + (f"offline ({out['offline_backend']}) {out['offline_accuracy']:.3f}; gap "
-                 f"{out['served_offline_gap']:.3f} (must be <= {evalstage.MAX_GAP})" if "offline_accuracy" in out
-                 else "offline skipped"), flush=True)
-    for task, metrics in out.get("lm_eval", {}).items():
-        print(f"  lm-eval {task}: {json.dumps(metrics)}", flush=True)
-    return out
 
 
 def _banner(i: int, n: int, name: str, what: str) -> None:

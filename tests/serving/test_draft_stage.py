@@ -40,16 +40,17 @@ def draft_run(tmp_path_factory, tiny_model_dir):
     from llmray.config import build
     from llmray.models.draft import build_draft, save_draft
     from llmray.models.factory import load_pretrained
-    from llmray.serving.probe import probe
+    from llmray.serving.probe import engine_process, probe
     from llmray.stages.draft import DraftConfig, engine, probe_spec, run
 
     root = tmp_path_factory.mktemp("draft_stage")
     target_dir = lm_target(tiny_model_dir, root / "target")
     cfg = build(DraftConfig, {**SMALL, "model": str(target_dir), "output": str(root / "draft")})
-    result = run(cfg)
     target, tok = load_pretrained(target_dir)
     random_dir = save_draft(build_draft(target, cfg.num_layers, "random", seed=1), target_dir, root / "random")
-    rand = probe({"random": (str(target_dir), engine(cfg, "draft", random_dir))}, probe_spec(cfg, tok))["random"]
+    with engine_process():  # the stage's engines and the random draft's: one vLLM process
+        result = run(cfg)
+        rand = probe({"random": (str(target_dir), engine(cfg, "draft", random_dir))}, probe_spec(cfg, tok))["random"]
     return {"cfg": cfg, "target": target_dir, "result": result, "manifest": artifacts.read_manifest(cfg.output),
             "random": rand}
 
