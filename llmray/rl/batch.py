@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 _TOKEN_FIELDS = ("response_ids", "response_mask", "rollout_logprobs", "logprobs", "ref_logprobs",
                  "values", "token_rewards", "advantages", "returns", "token_versions", "loss_mask")
-_ROW_FIELDS = ("prompt_index", "scores", "correct", "env_rewards")
+_ROW_FIELDS = ("prompt_index", "scores", "correct", "env_rewards", "turns", "tool_calls")
 _LIST_FIELDS = ("answers", "texts", "finish_reasons")
 
 
@@ -61,6 +61,10 @@ class RLBatch:
     token_versions: "torch.Tensor | None" = None
     """(B, T) int64: the weight version (pushes into the engines so far) that generated each response
     token; in async mode the trainer may be up to `rollout.max_staleness` versions ahead."""
+    turns: "torch.Tensor | None" = None
+    """(B,) float: the model's turns in each episode (multi-turn environments; None for single-turn rollouts)."""
+    tool_calls: "torch.Tensor | None" = None
+    """(B,) float: the tool calls each episode made."""
 
     # ----- shape helpers
     def __len__(self) -> int:
@@ -220,7 +224,15 @@ class RLBatch:
             finish_reasons=[r.get("finish_reason") or "" for r in rollouts],
             rollout_logprobs=logprobs,
             loss_mask=loss_mask,
-            env_rewards=(torch.tensor([float(r["env_reward"]) for r in rollouts])
-                         if all("env_reward" in r for r in rollouts) else None),
+            env_rewards=_row_values(rollouts, "env_reward"),
             token_versions=versions,
+            turns=_row_values(rollouts, "turns"),
+            tool_calls=_row_values(rollouts, "tool_calls"),
         )
+
+
+def _row_values(rollouts: list[dict], key: str) -> "torch.Tensor | None":
+    """(B,) float tensor of a per-episode count every record carries, else None."""
+    import torch
+
+    return torch.tensor([float(r[key]) for r in rollouts]) if all(key in r for r in rollouts) else None

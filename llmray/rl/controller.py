@@ -226,6 +226,10 @@ class Controller:
             **({f"critic/{k}": v for k, v in _mean_dicts(results["critic"]).items()} if "critic" in results else {}),
             **times, **{k: v for k, v in sync.items() if k != "weight_sync/sync_s"},
         }
+        if batch.turns is not None and self.cfg.rollout.max_turns > 1:  # how the policy uses its turns and tools
+            metrics["rollout/turns_mean"] = float(batch.turns.mean())
+            metrics["rollout/tool_calls_mean"] = float(batch.tool_calls.mean())
+            metrics["rollout/tool_call_frac"] = float((batch.tool_calls > 0).float().mean())
         if self.cfg.algo.uses_critic:
             metrics["critic/value_mean"] = float(masked_mean(batch.values, mask))
         metrics["time/step_s"] = sum(v for k, v in times.items() if k.startswith("time/"))

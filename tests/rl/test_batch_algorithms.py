@@ -52,6 +52,16 @@ def test_split_concat_roundtrip_with_different_widths():
     assert sum(len(m) for m in b.minibatches(3, seed=0)) == 4
 
 
+def test_episode_counts_ride_with_their_rows():
+    recs = [{**r, "turns": t, "tool_calls": c} for r, t, c in zip(_rollouts(), [1, 3, 2, 1], [0, 2, 1, 0])]
+    b = RLBatch.from_rollouts(recs, answers=["x", "y"], pad_id=0)
+    assert b.turns.tolist() == [1, 3, 2, 1] and b.tool_calls.tolist() == [0, 2, 1, 0]
+    picked = b.select([2, 1])
+    assert picked.turns.tolist() == [2, 3] and picked.tool_calls.tolist() == [1, 2]
+    assert RLBatch.concat(b.split(2)).tool_calls.tolist() == [0, 2, 1, 0]
+    assert RLBatch.from_rollouts(_rollouts(), answers=["x", "y"], pad_id=0).turns is None  # records without them
+
+
 def _scored(scores, n):
     B, T = len(scores), 3
     b = RLBatch(prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),

@@ -121,5 +121,10 @@ def test_grpo_with_the_calculator_tool_runs_episodes_and_reward_rises(rl_sft_mod
     assert out["steps"] == 8 and len(rows) == 8
     vals = [r["rollout/reward_mean"] for r in rows]
     r0, r1 = sum(vals[:3]) / 3, sum(vals[-3:]) / 3
-    print(f"grpo with tools: reward {r0:.3f}->{r1:.3f}")
+    # Every turn but an episode's last made at least one tool call, so calls >= turns - 1 on average.
+    for r in rows:
+        turns, calls, frac = r["rollout/turns_mean"], r["rollout/tool_calls_mean"], r["rollout/tool_call_frac"]
+        assert 1.0 <= turns <= 3.0 and calls >= turns - 1 - 1e-6 and frac <= calls + 1e-6, r
+    fracs = [round(r["rollout/tool_call_frac"], 3) for r in rows]
+    print(f"grpo with tools: reward {r0:.3f}->{r1:.3f}; share of episodes calling the calculator per step {fracs}")
     assert r1 > r0 + 0.03, f"grpo reward with the calculator environment did not rise: {r0:.3f} -> {r1:.3f}"
