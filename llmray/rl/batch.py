@@ -232,7 +232,7 @@ class RLBatch:
 
 
 def _row_values(rollouts: list[dict], key: str) -> "torch.Tensor | None":
-    """(B,) float tensor of a per-episode count every record carries, else None."""
+    """(B,) float tensor of a per-episode value (`env_reward`, `turns`, `tool_calls`), or None if a record lacks it."""
     import torch
 
     return torch.tensor([float(r[key]) for r in rollouts]) if all(key in r for r in rollouts) else None

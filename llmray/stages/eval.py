@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmray.cluster import RayConfig
-from llmray.config import check
+from llmray.config import build, check
 from llmray.eval_harness import ALL_TASKS
 from llmray.errors import UserError
 from llmray.vllm_engine import EngineConfig
@@ -212,13 +212,12 @@ def on_endpoint(section: dict, serve_cfg, handle, model_id: str, rows: list[dict
                 out_dir: str | Path) -> dict:
     """This stage on a live endpoint the pipeline started (`section`: the pipeline's `eval` section, EvalConfig
     keys) and on the served model directory offline; a failure is reported in `eval_error`, not fatal."""
-    from llmray import config as cfglib
     from llmray import evaluation
 
     # Offline answers from the rollout engine by default here: one engine process starts sooner than
     # Ray Data LLM's actor pools and takes no CPUs from the serving replica (docs/eval.md).
     offline = {"backend": "vllm", **section.get("offline", {})}
-    ecfg = cfglib.build(EvalConfig, {**section, "offline": offline, "model": str(serve_cfg.model)}, prefix="eval")
+    ecfg = build(EvalConfig, {**section, "offline": offline, "model": str(serve_cfg.model)}, prefix="eval")
     if not rows or not ecfg.served:
         return {}
     out: dict[str, Any] = {}
@@ -246,7 +245,7 @@ def on_endpoint(section: dict, serve_cfg, handle, model_id: str, rows: list[dict
 
 def _start_local(cfg: EvalConfig):
     from llmray.cluster import init_ray
-    from llmray.config import build, to_dict
+    from llmray.config import to_dict
     from llmray.serving.config import ServeConfig
     from llmray.serving.server import start
 
