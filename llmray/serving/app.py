@@ -161,7 +161,7 @@ class LLMServer:
     # ---- the request path ------------------------------------------------------------------------
 
     def _check(self, request: Request, raw: bytes, route: str):
-        """Parse and guard one request: (vLLM request, sequences, timeout, JSON mode)."""
+        """Parse and guard one request: (vLLM request, sequences, timeout, what to close if cut)."""
         from llmray.serving.openai_layer import parse_request
 
         data, req = parse_request(raw, route)
@@ -171,14 +171,16 @@ class LLMServer:
         seqs = guards.check_request(data, route, self.cfg.limits)
         if route == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             req.max_completion_tokens = self.cfg.limits.default_max_tokens  # capped by the context left
-        return req, seqs, guards.timeout_s(request.headers, self.cfg.limits.request_timeout_s), \
-            guards.is_json_mode(data)
+        close = guards.closing_for(data, route)
+        if close is not None and close.drop_token_ids:
+            req.return_token_ids = True  # vLLM drops a cut "required" answer; its tokens still say it
+        return req, seqs, guards.timeout_s(request.headers, self.cfg.limits.request_timeout_s), close
 
     async def _serve(self, request: Request, route: str) -> Response:
         try:
             self._auth(request)
             raw = await guards.read_body(request, self.cfg.limits.max_body_bytes)
-            req, seqs, timeout_s, json_mode = self._check(request, raw, route)
+            req, seqs, timeout_s, close = self._check(request, raw, route)
         except APIError as e:
             self._count(route, e.status, e.type)
             raise
@@ -188,7 +190,7 @@ class LLMServer:
         try:
             result = await self._call(request, route, req, timeout_s)
             if not hasattr(result, "__aiter__"):
-                return self._json(route, result, json_mode)
+                return self._json(route, result, close)
             # Streaming: wait for the first event before sending headers, so that a timeout or an
             # engine error still gets a real status code.
             try:
@@ -205,7 +207,7 @@ class LLMServer:
                 self._release(seqs)
 
             handed_off = True
-            body = sse_body(self, route, result, first, deadline, StreamCloser() if json_mode else None, on_end)
+            body = sse_body(self, route, result, first, deadline, StreamCloser(close) if close else None, on_end)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         finally:
             if not handed_off:
@@ -240,12 +242,13 @@ class LLMServer:
             raise err
         return result
 
-    def _json(self, route: str, result, json_mode: bool) -> JSONResponse:
+    def _json(self, route: str, result, close) -> JSONResponse:
         body = result.model_dump()
-        if json_mode:
+        if close is not None:
             from llmray.serving.jsonclose import close_choices
 
-            close_choices(body)
+            tok = self.engine.renderer.tokenizer
+            close_choices(body, close, lambda ids: tok.decode(ids, skip_special_tokens=True))
         self._count(route, 200)
         return JSONResponse(body)
 

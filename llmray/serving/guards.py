@@ -97,8 +97,21 @@ def timeout_s(headers, limit: float) -> float:
     return min(value, limit)
 
 
-def is_json_mode(data: dict[str, Any]) -> bool:
-    """A request whose answer must be a JSON object of any shape (`response_format: json_object`)."""
+def closing_for(data: dict[str, Any], route: str):
+    """What llmray closes in this request's answer if max_tokens cuts it (`jsonclose.Closing`), or
+    None: a `json_object` answer, or a chat answer forced to call a tool ("required", or a named
+    function; their arguments follow the functions' schemas, so a cut one is a JSON prefix)."""
+    from llmray.serving.jsonclose import Closing
+
     rf = data.get("response_format") or {}
     so = data.get("structured_outputs") or {}
-    return rf.get("type") == "json_object" or bool(so.get("json_object"))
+    if rf.get("type") == "json_object" or bool(so.get("json_object")):
+        return Closing("json")
+    choice = data.get("tool_choice")
+    if route != "chat" or not data.get("tools") or choice in (None, "auto", "none"):
+        return None
+    declared = frozenset((t.get("function") or {}).get("name") for t in data["tools"] if isinstance(t, dict))
+    if choice == "required":
+        return Closing("required", declared,
+                       drop_token_ids=not data.get("return_token_ids") and not data.get("stream"))
+    return Closing("named", declared)

@@ -71,8 +71,9 @@ def test_json_schema_output_validates(client):
 
 
 def test_required_tool_choice_returns_parseable_calls_of_declared_functions(client):
-    """One call per answer (parallel_tool_calls=False): an untrained model never closes an open-ended
-    array of calls before max_tokens."""
+    """One call per answer (parallel_tool_calls=False), then parallel calls (the default) cut by
+    max_tokens: an untrained model never closes an open-ended array of calls, and vLLM drops such an
+    answer (no calls, no content); llmray closes it, so every call it returns parses, streamed too."""
     import jsonschema
 
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -85,6 +86,26 @@ def test_required_tool_choice_returns_parseable_calls_of_declared_functions(clie
         for call in calls:
             assert call.function.name in schemas
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    for seed in range(3):
+        out = client.chat.completions.create(model="tiny", messages=_ask("Weather in Paris, and add 2 and 3?"),
+                                             tools=TOOLS, tool_choice="required", max_tokens=40, seed=seed,
+                                             temperature=1.0)
+        ch = out.choices[0]
+        print("required, parallel, max_tokens 40:", ch.finish_reason, [(c.function.name, c.function.arguments)
+                                                                     for c in ch.message.tool_calls or []])
+        assert ch.finish_reason == "length" and ch.message.tool_calls, ch
+        assert all(c.function.name in schemas and isinstance(json.loads(c.function.arguments), dict)
+                   for c in ch.message.tool_calls), ch.message.tool_calls
+        assert not getattr(ch, "token_ids", None)  # llmray's own read of the tokens is not returned
+    args, finish = {}, None
+    for chunk in client.chat.completions.create(model="tiny", messages=_ask("Weather in Paris?"), tools=TOOLS,
+                                                tool_choice="required", max_tokens=40, stream=True, seed=0):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                args[tc.index] = args.get(tc.index, "") + (tc.function.arguments or "")
+    print("required, parallel, streamed:", finish, args)
+    assert finish == "length" and args and all(isinstance(json.loads(a), dict) for a in args.values()), args
 
 
 def test_named_tool_choice_calls_that_function_also_streamed(client):

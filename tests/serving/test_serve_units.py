@@ -64,6 +64,63 @@ def test_json_closing_completes_every_prefix():
         json.loads(full[:i] + closing(full[:i]))
 
 
+def test_forced_tool_calls_cut_by_max_tokens_are_closed():
+    """A `required` answer is a JSON array of {"name", "parameters"}: every prefix closes into calls of
+    declared functions only, with arguments that parse; a named call's arguments are closed; the token
+    ids llmray asked for are removed; streamed, the last call's arguments get the closing."""
+    import json
+
+    from llmray.serving.guards import closing_for
+    from llmray.serving.jsonclose import StreamCloser, required_calls
+
+    tools = [{"type": "function", "function": {"name": n}} for n in ("add", "get_weather")]
+    how = closing_for({"tools": tools, "tool_choice": "required"}, "chat")
+    assert how.kind == "required" and how.declared == {"add", "get_weather"} and how.drop_token_ids
+    assert closing_for({"tools": tools, "tool_choice": "required", "stream": True}, "chat").drop_token_ids is False
+    assert closing_for({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "add"}}},
+                       "chat").kind == "named"
+    assert closing_for({"tools": tools, "tool_choice": "auto"}, "chat") is None
+    assert closing_for({"response_format": {"type": "json_object"}}, "completions").kind == "json"
+    full = '[{"name": "add", "parameters": {"a": 5, "b": 70}}, {"name": "get_weather", "parameters": {"city": "Pa'
+    names = []
+    for i in range(1, len(full) + 1):
+        calls = required_calls(full[:i], how.declared)
+        assert all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls)
+        names.append(tuple(c["function"]["name"] for c in calls))
+    assert names[-1] == ("add", "get_weather") and ("add",) in names and names[0] == ()
+    assert json.loads(required_calls(full, how.declared)[1]["function"]["arguments"]) == {"city": "Pa"}
+    assert required_calls('[{"name": "ad', how.declared) == []  # a name cut short is no declared function
+
+    from llmray.serving.jsonclose import close_choices
+
+    body = {"prompt_token_ids": [1, 2], "choices": [
+        {"index": 0, "finish_reason": "length", "token_ids": [7, 8], "message": {"content": "", "tool_calls": []}},
+        {"index": 1, "finish_reason": "tool_calls", "token_ids": [9], "message": {"content": None, "tool_calls": [
+            {"function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}}]}
+    close_choices(body, how, decode=lambda ids: full if ids == [7, 8] else "")
+    assert "prompt_token_ids" not in body and all("token_ids" not in ch for ch in body["choices"])
+    assert [c["function"]["name"] for c in body["choices"][0]["message"]["tool_calls"]] == ["add", "get_weather"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][1]["message"]["tool_calls"][0]["function"]["arguments"] == '{"a": 1, "b": 2}'
+    named = {"choices": [{"finish_reason": "length", "message": {"tool_calls": [
+        {"function": {"name": "add", "arguments": '{"a": 12, "b'}}]}}]}
+    close_choices(named, closing_for({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "add"}}},
+                                     "chat"))
+    assert json.loads(named["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {"a": 12, "b": None}
+
+    closer = StreamCloser(how)
+
+    def ev(delta: dict, fin: str | None = None) -> str:
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}) + "\n\n"
+
+    args = ""
+    for e in (ev({"tool_calls": [{"index": 0, "function": {"name": "add", "arguments": '{"a": 5'}}]}),
+              ev({"tool_calls": [{"index": 0, "function": {"arguments": ', "b": 7'}}]}), ev({}, "length")):
+        for ch in json.loads(closer.event(e)[6:])["choices"]:
+            args += "".join(tc["function"].get("arguments") or "" for tc in ch["delta"].get("tool_calls") or [])
+    assert json.loads(args) == {"a": 5, "b": 7}
+
+
 def test_bearer_check_is_exact():
     from llmray.serving.auth import check_bearer, is_public
 
