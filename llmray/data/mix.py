@@ -1,5 +1,6 @@
 """Multi-source mixing for `pack`: token budgets per source and phase, a seeded document order, and
-packed shards whose manifest counts tokens per source.
+packed shards whose manifest counts tokens per source (Ray tasks tokenize and write; the driver plans
+from document lengths only).
 
 A phase (e.g. the main mix, then a final anneal on a high-quality source) has a token budget and
 weights. Each source's quota is its weight's share of the budget (largest remainder, so quotas sum
@@ -126,7 +127,8 @@ def plan(cfg: MixConfig, lengths: dict[str, np.ndarray]) -> list[list[tuple[str,
 
 
 def _tokenize_file(uri: str, tokenizer: str, eos_token: str, text_column: str, batch: int):
-    """Token ids (with EOS) of every document of one file, as an arrow list<int32> array; bad records."""
+    """(tokens per document, token ids (with EOS) of every document as an arrow list<int32> array, bad
+    records) of one file. The driver fetches only the lengths; the ids stay in the object store."""
     import pyarrow as pa
 
     from llmray.data.pack import _fast_tokenizer
@@ -137,63 +139,96 @@ def _tokenize_file(uri: str, tokenizer: str, eos_token: str, text_column: str, b
     docs = []
     for chunk in read_chunks(uri, text_column, "id", (), batch, errors):
         docs += [[*e.ids, eos] for e in tok.encode_batch(chunk["text"], add_special_tokens=False)]
-    return pa.array(docs, pa.list_(pa.int32())), errors.items
+    arr = pa.array(docs, pa.list_(pa.int32()))
+    return np.diff(arr.offsets.to_numpy()).astype(np.int64), arr, errors.items
 
 
-def mix_and_pack(cfg, files: dict[str, list[str]], shards_dir, eos_token: str) -> dict:
-    """Tokenize every source file (Ray tasks), plan the mix, write `shards/part-i.parquet` rows of
-    `cfg.seq_len`; return the manifest metrics (tokens per source and phase)."""
-    import pyarrow as pa
-    import ray
-
-    mix: MixConfig = cfg.mix
-    task = ray.remote(_tokenize_file).options(num_cpus=cfg.num_cpus_per_task)
-    refs = {k: [task.remote(f, cfg.tokenizer, eos_token, cfg.text_column, cfg.tokenize_batch) for f in fs]
-            for k, fs in files.items()}
-    docs, errors = {}, []
-    for k, rs in refs.items():
-        got = ray.get(rs)
-        docs[k] = pa.concat_arrays([g[0] for g in got]) if got else pa.array([], pa.list_(pa.int32()))
-        errors += [e for g in got for e in g[1]]
-    lengths = {k: np.diff(v.offsets.to_numpy()) for k, v in docs.items()}
-    names = sorted(docs)
-    stream, origin, phase_of = [], [], []
-    for p, order in enumerate(plan(mix, lengths)):
-        for name, d, t in order:
-            stream.append(docs[name][d].values.to_numpy()[:t])
-            origin.append(np.full(t, names.index(name), np.int8))
-            phase_of.append(np.full(t, p, np.int8))
-    flat = np.concatenate(stream) if stream else np.zeros(0, np.int32)
-    n_rows = len(flat) // cfg.seq_len
-    used = n_rows * cfg.seq_len
-    src = np.concatenate(origin)[:used] if origin else np.zeros(0, np.int8)
-    phs = np.concatenate(phase_of)[:used] if phase_of else np.zeros(0, np.int8)
-    shards = _write_shards(flat[:used].reshape(n_rows, cfg.seq_len), cfg, mix.sequences_per_shard, shards_dir,
-                           eos_token)
-    by_source = {k: int((src == i).sum()) for i, k in enumerate(names)}
-    return {
-        "tokens_by_source": by_source,
-        "share_by_source": {k: round(v / max(1, used), 6) for k, v in by_source.items()},
-        "tokens_by_phase_source": [{k: int(((phs == p) & (src == i)).sum()) for i, k in enumerate(names)}
-                                   for p in range(len(mix.phases))],
-        "documents": int(sum(len(v) for v in docs.values())),
-        "num_sequences": n_rows, "dropped_tokens": int(len(flat) - used), "shards": shards, "errors": errors,
-    }
+def layout(order: list[list[tuple[str, int, int]]], names: list[str], first_doc: dict[str, np.ndarray]) -> dict:
+    """The planned stream as arrays, one entry per piece: source index, file index, document index in
+    its file, tokens taken, phase, and the piece's start in the stream. `first_doc[name]`: index of
+    each file's first document in its source (len = files + 1)."""
+    rows = [(names.index(n), d, t, p) for p, ph in enumerate(order) for n, d, t in ph]
+    src, doc, take, phase = (np.array(c, np.int64) for c in zip(*rows)) if rows else [np.zeros(0, np.int64)] * 4
+    file = np.zeros(len(src), np.int64)
+    for i, n in enumerate(names):
+        sel = src == i
+        file[sel] = np.searchsorted(first_doc[n], doc[sel], side="right") - 1
+        doc[sel] -= first_doc[n][file[sel]]
+    start = np.concatenate([[0], np.cumsum(take)[:-1]]) if len(take) else take
+    return {"src": src, "file": file, "doc": doc, "take": take, "phase": phase, "start": start}
 
 
-def _write_shards(rows: np.ndarray, cfg, per_shard: int, shards_dir, eos_token: str) -> list[str]:
+def shard_pieces(lay: dict, lo: int, hi: int) -> np.ndarray:
+    """(k, 5) int64 rows (source, file, document, first token, tokens) of the stream's tokens [lo, hi)."""
+    end = lay["start"] + lay["take"]
+    i0, i1 = int(np.searchsorted(end, lo, side="right")), int(np.searchsorted(lay["start"], hi, side="left"))
+    a = np.maximum(lay["start"][i0:i1], lo)
+    b = np.minimum(end[i0:i1], hi)
+    first = a - lay["start"][i0:i1]
+    return np.stack([lay["src"][i0:i1], lay["file"][i0:i1], lay["doc"][i0:i1], first, b - a], axis=1)
+
+
+def _write_shard(path: str, pieces: np.ndarray, keys: list[tuple[int, int]], seq_len: int, eos: int | None,
+                 *files) -> str:
+    """One output shard: the pieces' tokens cut into rows of `seq_len` (`files[i]` is the token array
+    of file `keys[i]`); `eos` set: a `position_ids` column too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from llmray.data.pack import _fast_tokenizer, _list_column, position_ids
+    from llmray.data.pack import _list_column, position_ids
 
-    eos = _fast_tokenizer(cfg.tokenizer, eos_token)[1]
-    out = []
-    for i, s in enumerate(range(0, len(rows), per_shard)):
-        part = rows[s : s + per_shard]
-        cols = {"input_ids": _list_column(part)}
-        if cfg.reset_position_ids:
-            cols["position_ids"] = _list_column(position_ids(part, eos))
-        pq.write_table(pa.table(cols), shards_dir / f"part-{i:05d}.parquet")
-        out.append(f"shards/part-{i:05d}.parquet")
-    return out
+    arrays = dict(zip(keys, files))
+    flat = np.concatenate([np.zeros(0, np.int32)] + [
+        arrays[(int(s), int(f))][int(d)].values.to_numpy()[a : a + n] for s, f, d, a, n in pieces])
+    rows = flat.reshape(-1, seq_len)
+    cols = {"input_ids": _list_column(rows)}
+    if eos is not None:
+        cols["position_ids"] = _list_column(position_ids(rows, eos))
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def mix_and_pack(cfg, files: dict[str, list[str]], shards_dir, eos_token: str) -> dict:
+    """Tokenize every source file (a Ray task each), plan the mix from document lengths alone, and
+    write each `shards/part-i.parquet` of `cfg.seq_len` rows in a Ray task of its own, fed the token
+    arrays of the files it draws from: the driver never holds the corpus. Returns the manifest metrics
+    (tokens per source and phase)."""
+    import ray
+
+    from llmray.data.pack import _fast_tokenizer
+
+    mix: MixConfig = cfg.mix
+    names = sorted(files)
+    task = ray.remote(_tokenize_file).options(num_cpus=cfg.num_cpus_per_task, num_returns=3)
+    refs = {k: [task.remote(f, cfg.tokenizer, eos_token, cfg.text_column, cfg.tokenize_batch) for f in files[k]]
+            for k in names}
+    per_file = {k: ray.get([r[0] for r in refs[k]]) for k in names}
+    errors = [e for k in names for errs in ray.get([r[2] for r in refs[k]]) for e in errs]
+    lengths = {k: np.concatenate([np.zeros(0, np.int64), *per_file[k]]) for k in names}
+    first_doc = {k: np.concatenate([[0], np.cumsum([len(x) for x in per_file[k]])]).astype(np.int64) for k in names}
+    lay = layout(plan(mix, lengths), names, first_doc)
+    total = int(lay["take"].sum())
+    n_rows = total // cfg.seq_len
+    used = n_rows * cfg.seq_len
+    eos = _fast_tokenizer(cfg.tokenizer, eos_token)[1] if cfg.reset_position_ids else None
+    write = ray.remote(_write_shard).options(num_cpus=cfg.num_cpus_per_task)
+    per_shard = mix.sequences_per_shard * cfg.seq_len
+    jobs = []
+    for i, lo in enumerate(range(0, used, per_shard)):
+        pieces = shard_pieces(lay, lo, min(lo + per_shard, used))
+        keys = sorted({(int(s), int(f)) for s, f in pieces[:, :2]})
+        jobs.append(write.remote(str(shards_dir / f"part-{i:05d}.parquet"), pieces, keys, cfg.seq_len, eos,
+                                 *[refs[names[s]][f][1] for s, f in keys]))
+    ray.get(jobs)
+    kept = np.clip(used - lay["start"], 0, lay["take"])  # tokens of each piece inside the full rows
+    by_phase = [{k: int(kept[(lay["phase"] == p) & (lay["src"] == i)].sum()) for i, k in enumerate(names)}
+                for p in range(len(mix.phases))]
+    by_source = {k: sum(ph[k] for ph in by_phase) for k in names}
+    return {
+        "tokens_by_source": by_source,
+        "share_by_source": {k: round(v / max(1, used), 6) for k, v in by_source.items()},
+        "tokens_by_phase_source": by_phase,
+        "documents": int(sum(len(v) for v in lengths.values())),
+        "num_sequences": n_rows, "dropped_tokens": total - used,
+        "shards": [f"shards/part-{i:05d}.parquet" for i in range(len(jobs))], "errors": errors,
+    }

@@ -13,7 +13,7 @@ import pytest
 from llmray import artifacts
 from llmray.config import ConfigError, build
 from llmray.data import synthetic
-from llmray.data.mix import MixConfig, fill, interleave, plan, quotas
+from llmray.data.mix import MixConfig, fill, interleave, layout, plan, quotas, shard_pieces
 from llmray.data.pack import PackConfig
 
 
@@ -44,6 +44,29 @@ def test_plan_phases_in_order_with_anneal_last():
                                        {"tokens": 200, "weights": {"hq": 1.0}}]})
     p = plan(cfg, {"web": np.full(50, 9), "hq": np.full(10, 11)})
     assert sum(t for s, _, t in p[0] if s == "web") == 800 and {s for s, _, _ in p[1]} == {"hq"}
+
+
+def test_shard_pieces_cut_the_planned_stream_exactly():
+    """Each shard task gets (source, file, document, first token, tokens) rows; over all shards they
+    are the planned stream's tokens up to the last full row, in order, each from the right file."""
+    cfg = build(MixConfig, {"sources": [{"name": "a", "input": "x"}, {"name": "b", "input": "y"}],
+                            "phases": [{"tokens": 997, "weights": {"a": 0.6, "b": 0.4}},
+                                       {"tokens": 300, "weights": {"b": 1.0}}]})
+    rng = np.random.default_rng(0)
+    files = {"a": [rng.integers(1, 40, 7), rng.integers(1, 40, 5)], "b": [rng.integers(1, 30, 9)]}
+    lengths = {k: np.concatenate(v) for k, v in files.items()}
+    first = {k: np.concatenate([[0], np.cumsum([len(f) for f in v])]) for k, v in files.items()}
+    order = plan(cfg, lengths)
+    # Tokens as (source, document in source, position) triples, the stream the old driver built.
+    stream = [(s, d, j) for ph in order for s, d, t in ph for j in range(t)]
+    lay = layout(order, ["a", "b"], first)
+    used = len(stream) // 64 * 64
+    got = []
+    for lo in range(0, used, 3 * 64):
+        for s, f, d, a, n in shard_pieces(lay, lo, min(lo + 3 * 64, used)):
+            name = "ab"[s]
+            got += [(name, int(first[name][f] + d), int(a + j)) for j in range(n)]
+    assert got == stream[:used] and len(stream) == 1297
 
 
 def test_bad_mix_config_names_the_key():
