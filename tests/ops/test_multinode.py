@@ -1,15 +1,19 @@
 """Jobs submitted through the Ray Jobs API to a real two-node cluster on this machine (token auth on):
 work runs on both nodes, stage jobs succeed with readable logs (data, pretraining with one Ray Train
 worker per node, GRPO with the rollout engine on the other node than the actor), auth is enforced,
-and bad input (missing config, resources no node has) ends in a clear error instead of a hang."""
+and bad input (missing config, resources no node has) ends in a clear error instead of a hang. Last,
+on the same cluster: the serving API key set only on the driver still guards a replica on the
+worker node, whose processes never had the variable."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -219,3 +223,59 @@ def test_ray_job_submit_cli_without_token_is_refused(two_node_cluster):
     listed = httpx.get(f"{two_node_cluster.dashboard_url}/api/jobs/", headers=two_node_cluster.auth_headers,
                        timeout=10).json()
     assert all("pwned" not in j["entrypoint"] for j in listed), "no job was created"
+
+
+# --- serving auth across nodes -----------------------------------------------------------------
+
+SERVE_KEY_ENV = "LLMRAY_TWO_NODE_DRIVER_KEY"
+SERVE_DRIVER = r"""
+import json, os, sys, httpx, ray
+from ray.util.state import list_actors
+from llmray.config import build
+from llmray.serving.config import ServeConfig
+from llmray.serving.server import start
+
+ray.init(address=os.environ["RAY_ADDRESS"])
+head = ray.get_runtime_context().get_node_id()
+
+@ray.remote
+class Hold:  # holds every CPU of the head node: the replica must go to the worker
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+head_cpus = next(n["Resources"]["CPU"] for n in ray.nodes() if n["NodeID"] == head)
+hold = Hold.options(num_cpus=head_cpus,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+assert ray.get(hold.node.remote()) == head
+cfg = build(ServeConfig, {"model": sys.argv[1], "served_model_name": "tiny", "port": 0, "ingress": "proxy",
+                          "api_key_env": sys.argv[2], "ready_timeout_s": 900,
+                          "engine": {"max_model_len": 128, "max_num_seqs": 2}})
+handle = start(cfg)
+replica = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "LLMServer" in a.class_name]
+out = {"replica_nodes": [a.node_id for a in replica], "head": head,
+       "no_key": httpx.get(handle.url + "/models", timeout=60).status_code,
+       "metrics_no_key": httpx.get(handle.base + "/metrics", timeout=60).status_code,
+       "with_key": httpx.get(handle.url + "/models", timeout=60,
+                             headers={"Authorization": "Bearer " + os.environ[sys.argv[2]]}).status_code}
+handle.shutdown()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.timeout(1200)
+def test_key_only_on_the_driver_guards_a_replica_on_another_node(two_node_cluster, tiny_model_dir, tmp_path):
+    """The driver (a process of its own, with the key in its environment) starts the app while the head's
+    CPUs are held, so the replica lands on the worker node; the key reaches it through the deployment."""
+    assert SERVE_KEY_ENV not in os.environ  # the nodes inherit this process's environment: it must lack the key
+    env = {**two_node_cluster.env, "RAY_ADDRESS": f"127.0.0.1:{two_node_cluster.gcs_port}",
+           SERVE_KEY_ENV: "driver-only-key-0123", "PYTHONPATH": str(ROOT)}
+    script = tmp_path / "driver.py"
+    script.write_text(SERVE_DRIVER)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), SERVE_KEY_ENV], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1100)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, (proc.stdout[-3000:], proc.stderr[-3000:])
+    out = json.loads(line[7:])
+    assert out["replica_nodes"] and all(n != out["head"] for n in out["replica_nodes"]), out
+    assert out["no_key"] == 401 and out["metrics_no_key"] == 401 and out["with_key"] == 200, out
