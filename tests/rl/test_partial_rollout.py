@@ -1,12 +1,15 @@
 """Partial rollouts on a real local Ray cluster, a real vLLM engine and a DeepSpeed actor: async GRPO
 generates in segments of 1 token, weight pushes land between segments, and samples in flight
 across a push carry both versions, the newer after the older; the run trains within its staleness
-bound. The batches are read through a pass-through wrapper of `RolloutPipeline.batch` (it records
-what the real method returns; nothing is replaced)."""
+bound, and a rollout engine killed while a batch is generated is restarted once. The batches are
+read through a pass-through wrapper of `RolloutPipeline.batch` (it records what the real method
+returns; nothing is replaced)."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,11 +45,22 @@ def test_pushes_land_between_segments_and_samples_carry_both_versions(rl_sft_mod
                        "algo.prompts_per_step=8", "algo.minibatch_size=32", "actor.optimizer.lr=1e-3",
                        "algo.kl_coef=0.01", "algo.tis_cap=2.0", "rollout.mode=async", "rollout.max_staleness=1",
                        "rollout.segment_tokens=1", "rollout.max_tokens=24", "rollout.temperature=2.0",
-                       "eval_every=-1", "steps=6")
+                       "eval_every=-1", "steps=7")
     assert cfg.rollout.partial_rollouts  # the default in async mode
-    out = run(cfg)
+    killed = []
+
+    def kill_rollout_engine(roles, step, metrics):
+        """After step 3, while the driver thread generates step 4's batch: SIGKILL the engine."""
+        if step == 3:
+            killed.append(roles.groups["rollout"].pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    out = run(cfg, on_step=kill_rollout_engine)
     rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if "rollout/reward_mean" in r]
-    assert out["steps"] == 6 and [r["step"] for r in rows] == list(range(1, 7)) and len(batches) == 6
+    # The dead engine was restarted once (the push or the collecting step found it dead, not both),
+    # re-synced, and the run went on.
+    assert killed and out["rollout_restarts"] == 1
+    assert out["steps"] == 7 and [r["step"] for r in rows] == list(range(1, 8)) and len(batches) == 7
 
     spanning = 0
     for (trainer_version, batch, extra), row in zip(batches, rows):
