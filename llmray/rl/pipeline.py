@@ -79,8 +79,8 @@ class RolloutPipeline:
         self.version = 0
         """Weight pushes into the engines so far (0: the starting policy)."""
         self.queue: deque[Generation] = deque()
-        self.lock = threading.Lock()
-        """Held while the engines' weights change (a push, a restart) and while a segment is handed to them."""
+        self.lock = roles.rollout_lock
+        """Held while the engines' weights change (a push, a restart) and while a call is handed to them."""
         self._jobs: queue.Queue | None = None
         """Partial rollouts: generations for the driver thread that runs their segments, in order."""
 
