@@ -1,5 +1,7 @@
 """Sync vs async RL: GRPO steps per second and reward curves at the same step count, prompts and
-seed, with the rollout engine and the trainer on disjoint CPUs (one core each, `threads=1`).
+seed, with the rollout engine and the trainer on disjoint CPUs (one core each, `threads=1`). Async
+runs twice: with partial rollouts (`async`, the default: segments of `--segment-tokens`) and with
+each batch generated in one call (`async-whole`, `rollout.partial: false`).
 
     python bench/rl_async.py                    # 16 steps x 8 prompts x 8 samples, staleness 1
     python bench/rl_async.py --steps 8 --max-staleness 2
@@ -65,7 +67,9 @@ def run_mode(mode: str, sft: Path, prompts: Path, work: Path, args) -> dict:
         f"algo.minibatch_size={args.n_samples * args.prompts_per_step}", "algo.tis_cap=2.0", "algo.kl_coef=0.01",
         "actor.optimizer.lr=1e-3", f"rollout.max_tokens={args.max_tokens}", "rollout.max_model_len=128",
         "rollout.cpus_per_worker=1", "actor.cpus_per_worker=1", "ref.cpus_per_worker=0.25",
-        "reward.cpus_per_worker=0.25", f"rollout.mode={mode}", f"rollout.max_staleness={args.max_staleness}",
+        "reward.cpus_per_worker=0.25", f"rollout.mode={mode.split('-')[0]}",
+        f"rollout.max_staleness={args.max_staleness}", f"rollout.segment_tokens={args.segment_tokens}",
+        *(["rollout.partial=false"] if mode == "async-whole" else []),
     ])
     print(f"{mode}: {args.steps} GRPO steps ...", flush=True)
     t0 = time.monotonic()
@@ -78,7 +82,8 @@ def run_mode(mode: str, sft: Path, prompts: Path, work: Path, args) -> dict:
             "wall_s": wall, "phases_s": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in use) for p in PHASES},
             "reward": [(r["step"], r["rollout/reward_mean"]) for r in rows],
             "reward_last3": statistics.mean(r["rollout/reward_mean"] for r in rows[-3:]),
-            "staleness_max": max(r.get("rollout/staleness", 0.0) for r in rows)}
+            "staleness_max": max(r.get("rollout/staleness", 0.0) for r in rows),
+            "partial_frac": statistics.mean(r.get("rollout/partial_frac", 0.0) for r in use)}
 
 
 def main() -> None:
@@ -88,6 +93,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-staleness", type=int, default=1)
+    p.add_argument("--segment-tokens", type=int, default=8)
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "rl_async"))
     args = p.parse_args()
     from llmray.cluster import RayConfig, init_ray
@@ -97,20 +103,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     sft, prompts = build_policy(work)
     init_ray(RayConfig(num_cpus=4))
-    res = {m: run_mode(m, sft, prompts, work, args) for m in ("sync", "async")}
-    s, a = res["sync"], res["async"]
-    print(f"\n{'mode':<6} {'steps/s':>8} {'loop s':>7} " + " ".join(f"{ph:>12}" for ph in PHASES)
-          + f" {'reward(last3)':>14} {'staleness':>9}")
-    for r in (s, a):
-        print(f"{r['mode']:<6} {r['steps_per_s']:>8.3f} {r['loop_s']:>7.1f} "
+    res = {m: run_mode(m, sft, prompts, work, args) for m in ("sync", "async", "async-whole")}
+    s, a, w = res["sync"], res["async"], res["async-whole"]
+    print(f"\n{'mode':<11} {'steps/s':>8} {'loop s':>7} " + " ".join(f"{ph:>12}" for ph in PHASES)
+          + f" {'reward(last3)':>14} {'staleness':>9} {'partial':>7}")
+    for r in (s, a, w):
+        print(f"{r['mode']:<11} {r['steps_per_s']:>8.3f} {r['loop_s']:>7.1f} "
               + " ".join(f"{r['phases_s'][ph]:>12.2f}" for ph in PHASES)
-              + f" {r['reward_last3']:>14.3f} {r['staleness_max']:>9.0f}")
+              + f" {r['reward_last3']:>14.3f} {r['staleness_max']:>9.0f} {r['partial_frac']:>7.3f}")
     ratio = a["steps_per_s"] / s["steps_per_s"]
     print(f"async / sync steps per second: {ratio:.2f}x (target >= 1.3x); "
+          f"async-whole / sync: {w['steps_per_s'] / s['steps_per_s']:.2f}x; "
           f"reward over the last 3 steps: sync {s['reward_last3']:.3f}, async {a['reward_last3']:.3f}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    plot_curves({"sync": s["reward"], "async": a["reward"]}, out / "rl_async.png",
+    plot_curves({"sync": s["reward"], "async": a["reward"], "async-whole": w["reward"]}, out / "rl_async.png",
                 f"GRPO reward, sync vs async (staleness {args.max_staleness})", ylabel="reward (mean)")
     (out / "rl_async.json").write_text(json.dumps({"args": vars(args), "ratio": ratio, **res}, indent=2))
     print(f"wrote {out / 'rl_async.json'} and {out / 'rl_async.png'}")

@@ -102,7 +102,14 @@ class RolloutConfig:
     """sync: generate, then train, step after step. async: the engines generate the next
     `max_staleness` steps' batches while the actor trains (llmray/rl/pipeline.py); needs algo.tis_cap."""
     max_staleness: int = 1
-    """Async: a batch is trained at most this many weight versions after the version that generated it."""
+    """Async: a batch is trained at most this many weight versions after the oldest version among its tokens."""
+    partial: bool | None = None
+    """Async: partial rollouts. The engines generate each batch in segments of `segment_tokens` tokens
+    and a weight push lands between two segments instead of waiting for the whole batch, so a request
+    that spans a push continues on the new weights and its tokens carry both versions. null (the
+    default): on in async mode, off in sync mode; true with `mode: sync` is refused."""
+    segment_tokens: int = 8
+    """Partial rollouts: tokens per segment, the most a push waits for (one segment's generation)."""
     env: Literal["task", "calculator"] = "task"
     """The environment of each episode (llmray/rl/env.py): `task` answers the prompt in one turn;
     `calculator` offers a calculator tool (hermes tool calls) whose results join the context."""
@@ -113,10 +120,18 @@ class RolloutConfig:
         check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         check(self.max_staleness >= 1, "rollout.max_staleness", f"must be >= 1, got {self.max_staleness}")
         check(self.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {self.max_turns}")
+        check(self.partial is not True or self.mode == "async", "rollout.partial",
+              "partial rollouts need rollout.mode: async (in sync mode no push lands during a generation)")
+        check(self.segment_tokens >= 1, "rollout.segment_tokens", f"must be >= 1, got {self.segment_tokens}")
         check(self.env != "calculator" or self.max_turns >= 2, "rollout.max_turns",
               f"rollout.env calculator needs >= 2 turns (call the tool, then answer), got {self.max_turns}")
         check(self.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
         check(self.temperature > 0, "rollout.temperature", "must be > 0 (RL samples; greedy gives no exploration)")
+
+    @property
+    def partial_rollouts(self) -> bool:
+        """Whether batches are generated in segments that weight pushes can interleave with."""
+        return self.mode == "async" and self.partial is not False
 
 
 @dataclass(frozen=True)

@@ -198,10 +198,11 @@ class Controller:
 
         g = self.roles.groups
         self.pipeline.before_push()
-        out = push_with_restart(self.roles.sync, g["actor"], g["rollout"], self.cfg.rollout.max_restarts,
-                                on_restart=lambda rank: self.roles.log_restart("rollout", rank,
-                                                                               "died during weight sync"))
-        self.pipeline.pushed()
+        with self.pipeline.lock:  # partial rollouts: the push queues behind one segment at most
+            out = push_with_restart(self.roles.sync, g["actor"], g["rollout"], self.cfg.rollout.max_restarts,
+                                    on_restart=lambda rank: self.roles.log_restart("rollout", rank,
+                                                                                   "died during weight sync"))
+            self.pipeline.pushed()
         return out
 
     def metrics(self, batch: "RLBatch", stats: dict, results: dict, fused: bool, times: dict, sync: dict) -> dict:

@@ -12,7 +12,9 @@ where the first `step` ends the episode.
 
 Each rollout record is the rollout worker's ({"prompt_index", "sample_index", "prompt_ids",
 "response_ids", "logprobs", "text", "finish_reason"}) plus "loss_mask" (1 on the model's tokens,
-0 on observation tokens), "env_reward", "turns" and "tool_calls"; "text" is the last turn's. An
+0 on observation tokens), "token_versions", "env_reward", "turns" and "tool_calls"; "text" is the
+last turn's. A turn's tokens carry the weight version `version()` names, unless its rollout records
+them per token (a partial rollout's first turn, `llmray.rl.segments`). An
 episode that runs out of turns, or of context (`max_model_len`), ends with reward 0
 (finish_reason "max_turns" / "context").
 """
@@ -96,7 +98,7 @@ def _take_turn(ep: Episode, out: dict[str, Any], version: int, max_turns: int, t
     ep.response_ids += ids
     ep.logprobs += [float(x) for x in out["logprobs"]]
     ep.loss_mask += [1] * len(ids)
-    ep.versions += [version] * len(ids)
+    ep.versions += [int(v) for v in out["token_versions"]] if "token_versions" in out else [version] * len(ids)
     ep.text, ep.turns = out["text"], ep.turns + 1
     observation, reward, done = ep.env.step(out["text"])
     if done:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,10 @@ class RoleGroups:
         self.shared_pgs: dict = {}
         """role -> the placement group it shares with its partner (actor+ref, critic+reward)."""
         self.restarts: list[dict] = []
+        self.rollout_lock = threading.RLock()
+        """Held while the engines' weights change (a push, a restart and its re-sync) and while a call is
+        handed to them, so that a driver thread (partial rollouts, `llmray.rl.pipeline`) never sends a
+        restarted engine a call before it has the current weights."""
         self.sync = None
         """The weight sync into the rollout engines (`WeightSync` or `CollectiveSync`, by `weight_sync.transport`);
         a restarted engine is given the current weights again through it."""
@@ -262,12 +267,13 @@ class RoleGroups:
         self.log_restart("actor+critic", -1, cause)
 
     def generate(self, prompt_ids: list[list[int]], sampling: dict) -> list[dict]:
-        """Rollouts from the engines (current weights). A dead engine is restarted, given the last
+        """Rollouts from the engines (current weights; under `rollout_lock`). A dead engine is restarted, given the last
         pushed weights and the call retried (`rollout.max_restarts` times at most)."""
         from llmray.rl.worker_group import call_with_restart
 
-        return call_with_restart(self.groups["rollout"].generate, prompt_ids, sampling,
-                                 on_restart=self.on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
+        with self.rollout_lock:
+            return call_with_restart(self.groups["rollout"].generate, prompt_ids, sampling,
+                                     on_restart=self.on_rollout_restart, max_restarts=self.cfg.rollout.max_restarts)
 
     def on_rollout_restart(self, group, ranks) -> None:
         for rank in ranks:
