@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -36,11 +37,24 @@ def test_signatures_bit_identical_to_datasketch():
 def test_signature_slicing_does_not_change_values(monkeypatch):
     rng = random.Random(1)
     texts = [synthetic.document(rng) for _ in range(30)]
+    texts[3:3] = ["", "", "tiny"]  # empty and short documents between long ones
+    texts.append("")
     sh, starts = mh.shingle_hashes(texts, 5)
     a, b = mh.permutations(32)
     full = mh.signatures(sh, starts, a, b)
-    monkeypatch.setattr(mh, "_SLICE_ELEMENTS", 500)  # forces many slices
-    np.testing.assert_array_equal(mh.signatures(sh, starts, a, b), full)
+    # 500 elements / 32 perms = 15 shingles a slice: most documents are cut across slices.
+    monkeypatch.setattr(mh, "_SLICE_ELEMENTS", 500)
+    sliced = mh.signatures(sh, starts, a, b)
+    np.testing.assert_array_equal(sliced, full)
+    for i in (0, 3, 4, 5, 6, len(texts) - 1):
+        np.testing.assert_array_equal(sliced[i], _datasketch(texts[i], 32, 1), err_msg=f"doc {i}")
+    assert (sliced[3] == 0xFFFFFFFF).all() and (sliced[-1] == 0xFFFFFFFF).all()
+
+
+def test_exact_hash_of_words_equals_exact_hash():
+    for t in ["Hello  World\n", "", "  a\tb  "]:
+        assert mh.exact_hash_of_words(mh.words(t)) == mh.exact_hash(t)
+    assert mh.exact_hash("") == int.from_bytes(hashlib.blake2b(b"", digest_size=8).digest(), "little")
 
 
 def test_shingles_never_straddle_documents():
