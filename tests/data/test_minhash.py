@@ -171,3 +171,31 @@ def test_word_bigrams_of_normalised_text():
     assert list(starts) == [0, 2, 3]
     assert sh[0] == mh.shingle_hash_py(["a", "b"]) and sh[1] == mh.shingle_hash_py(["b", "c"])
     assert sh[2] == mh.shingle_hash_py(["x"])
+
+
+@pytest.mark.parametrize("all_pairs_max", [0, 3])
+def test_bucket_edges_equal_a_python_reference(all_pairs_max):
+    """Random buckets of 1-6 ids (some listed twice, some in an exact and a near bucket at once)."""
+    rng = random.Random(all_pairs_max)
+    rows = []
+    for key in range(200):
+        kind = rng.choice([graph.EXACT, graph.NEAR])
+        members = rng.sample([f"id{i:03d}" for i in range(60)], rng.randint(1, 6))
+        rows += [(kind, key % 50, m) for m in members + members[:1]]  # keys shared across kinds
+    want: dict[tuple[str, str], bool] = {}
+    buckets: dict[tuple[int, int], set[str]] = {}
+    for kind, key, m in rows:
+        buckets.setdefault((kind, key), set()).add(m)
+    for (kind, _key), ms in buckets.items():
+        s = sorted(ms)
+        pairs = ([(a, b) for i, a in enumerate(s) for b in s[i + 1:]] if len(s) <= all_pairs_max
+                 else [(s[0], b) for b in s[1:]])
+        for p in pairs:
+            want[p] = want.get(p, False) or kind == graph.EXACT
+    table = pa.table({"kind": pa.array([r[0] for r in rows], pa.int8()), "key": pa.array([r[1] for r in rows],
+                      pa.uint64()), "id": [r[2] for r in rows]})
+    edges, stats = graph.bucket_edges(table, all_pairs_max)
+    got = dict(zip(zip(edges["node"].to_pylist(), edges["nbr"].to_pylist()), edges["exact"].to_pylist()))
+    assert got == want and len(want) > 100
+    assert stats == {"buckets": sum(len(v) > 1 for v in buckets.values()),
+                     "max_bucket": max(len(v) for v in buckets.values())}
