@@ -199,3 +199,10 @@ def test_bucket_edges_equal_a_python_reference(all_pairs_max):
     assert got == want and len(want) > 100
     assert stats == {"buckets": sum(len(v) > 1 for v in buckets.values()),
                      "max_bucket": max(len(v) for v in buckets.values())}
+
+
+def test_rank_ids_sort_like_python_strings_across_chunks():
+    ids = pa.chunked_array([["b", "é", "Z"], [], ["b", "a10", "a9", "zz"]])
+    rank, names = graph.rank_ids(ids)
+    assert names.to_pylist() == sorted(set(ids.to_pylist())) == ["Z", "a10", "a9", "b", "zz", "é"]
+    assert names.take(pa.array(rank)).to_pylist() == ids.to_pylist()
