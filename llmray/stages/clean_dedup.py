@@ -42,11 +42,18 @@ def _ray_map(items: list[dict], fn, cfg: CleanDedupConfig, name: str) -> list[di
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    kwargs = {"num_cpus": cfg.num_cpus_per_task}
-    if cfg.max_tasks_in_flight:
-        kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.max_tasks_in_flight)
-    return ds.map(fn, **kwargs).take_all()
+    # One map operator: reserving resources per operator only held it to 1 of 2 CPUs for its first
+    # tasks (40 tasks of 0.4 s on 2 CPUs: 13.4 s with the reservation, 8.5 s without).
+    reserve = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        kwargs = {"num_cpus": cfg.num_cpus_per_task}
+        if cfg.max_tasks_in_flight:
+            kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.max_tasks_in_flight)
+        return ds.map(fn, **kwargs).take_all()
+    finally:
+        ctx.op_resource_reservation_enabled = reserve
 
 
 def _work_dir(cfg: CleanDedupConfig, files: list[str]) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -36,11 +37,24 @@ def test_signatures_bit_identical_to_datasketch():
 def test_signature_slicing_does_not_change_values(monkeypatch):
     rng = random.Random(1)
     texts = [synthetic.document(rng) for _ in range(30)]
+    texts[3:3] = ["", "", "tiny"]  # empty and short documents between long ones
+    texts.append("")
     sh, starts = mh.shingle_hashes(texts, 5)
     a, b = mh.permutations(32)
     full = mh.signatures(sh, starts, a, b)
-    monkeypatch.setattr(mh, "_SLICE_ELEMENTS", 500)  # forces many slices
-    np.testing.assert_array_equal(mh.signatures(sh, starts, a, b), full)
+    # 500 elements / 32 perms = 15 shingles a slice: most documents are cut across slices.
+    monkeypatch.setattr(mh, "_SLICE_ELEMENTS", 500)
+    sliced = mh.signatures(sh, starts, a, b)
+    np.testing.assert_array_equal(sliced, full)
+    for i in (0, 3, 4, 5, 6, len(texts) - 1):
+        np.testing.assert_array_equal(sliced[i], _datasketch(texts[i], 32, 1), err_msg=f"doc {i}")
+    assert (sliced[3] == 0xFFFFFFFF).all() and (sliced[-1] == 0xFFFFFFFF).all()
+
+
+def test_exact_hash_of_words_equals_exact_hash():
+    for t in ["Hello  World\n", "", "  a\tb  "]:
+        assert mh.exact_hash_of_words(mh.words(t)) == mh.exact_hash(t)
+    assert mh.exact_hash("") == int.from_bytes(hashlib.blake2b(b"", digest_size=8).digest(), "little")
 
 
 def test_shingles_never_straddle_documents():
@@ -157,3 +171,38 @@ def test_word_bigrams_of_normalised_text():
     assert list(starts) == [0, 2, 3]
     assert sh[0] == mh.shingle_hash_py(["a", "b"]) and sh[1] == mh.shingle_hash_py(["b", "c"])
     assert sh[2] == mh.shingle_hash_py(["x"])
+
+
+@pytest.mark.parametrize("all_pairs_max", [0, 3])
+def test_bucket_edges_equal_a_python_reference(all_pairs_max):
+    """Random buckets of 1-6 ids (some listed twice, some in an exact and a near bucket at once)."""
+    rng = random.Random(all_pairs_max)
+    rows = []
+    for key in range(200):
+        kind = rng.choice([graph.EXACT, graph.NEAR])
+        members = rng.sample([f"id{i:03d}" for i in range(60)], rng.randint(1, 6))
+        rows += [(kind, key % 50, m) for m in members + members[:1]]  # keys shared across kinds
+    want: dict[tuple[str, str], bool] = {}
+    buckets: dict[tuple[int, int], set[str]] = {}
+    for kind, key, m in rows:
+        buckets.setdefault((kind, key), set()).add(m)
+    for (kind, _key), ms in buckets.items():
+        s = sorted(ms)
+        pairs = ([(a, b) for i, a in enumerate(s) for b in s[i + 1:]] if len(s) <= all_pairs_max
+                 else [(s[0], b) for b in s[1:]])
+        for p in pairs:
+            want[p] = want.get(p, False) or kind == graph.EXACT
+    table = pa.table({"kind": pa.array([r[0] for r in rows], pa.int8()), "key": pa.array([r[1] for r in rows],
+                      pa.uint64()), "id": [r[2] for r in rows]})
+    edges, stats = graph.bucket_edges(table, all_pairs_max)
+    got = dict(zip(zip(edges["node"].to_pylist(), edges["nbr"].to_pylist()), edges["exact"].to_pylist()))
+    assert got == want and len(want) > 100
+    assert stats == {"buckets": sum(len(v) > 1 for v in buckets.values()),
+                     "max_bucket": max(len(v) for v in buckets.values())}
+
+
+def test_rank_ids_sort_like_python_strings_across_chunks():
+    ids = pa.chunked_array([["b", "é", "Z"], [], ["b", "a10", "a9", "zz"]])
+    rank, names = graph.rank_ids(ids)
+    assert names.to_pylist() == sorted(set(ids.to_pylist())) == ["Z", "a10", "a9", "b", "zz", "é"]
+    assert names.take(pa.array(rank)).to_pylist() == ids.to_pylist()

@@ -61,31 +61,81 @@ def partition_keys(rows: pa.Table, p: int) -> list[pa.Table]:
     return split(rows, part, p)
 
 
+def rank_ids(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(rank of each id, the sorted distinct ids): ranks compare like the strings (code point order),
+    so the numpy code below can take minima and sort on integers and map back with `take`."""
+    enc = pc.dictionary_encode(ids)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks() if enc.num_chunks != 1 else enc.chunk(0)
+    order = pc.sort_indices(enc.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    return rank[enc.indices.to_numpy(zero_copy_only=False)], enc.dictionary.take(pa.array(order))
+
+
+def unique_pairs(node: np.ndarray, nbr: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (node, nbr) rank pair, sorted; exact if any of its rows was exact."""
+    if len(node) == 0:
+        return node, nbr, exact
+    order = np.lexsort((~exact, nbr, node))  # within a pair, an exact row first
+    node, nbr, exact = node[order], nbr[order], exact[order]
+    first = np.ones(len(node), dtype=bool)
+    first[1:] = (node[1:] != node[:-1]) | (nbr[1:] != nbr[:-1])
+    return node[first], nbr[first], exact[first]
+
+
 def bucket_edges(rows: pa.Table, all_pairs_max: int = 0) -> tuple[pa.Table, dict]:
     """Star edges (smallest id -> member) of every bucket holding more than one id. Buckets of at
     most `all_pairs_max` ids give every pair instead: when candidate pairs are verified, a star
-    through a false positive would lose the true pairs among the other members."""
+    through a false positive would lose the true pairs among the other members.
+
+    Runs on integer ranks of the ids (`rank_ids`): one lexsort by (kind, key, rank) finds the
+    buckets, their sizes and smallest members."""
     if rows.num_rows == 0:
         return _EDGE_SCHEMA.empty_table(), {"buckets": 0, "max_bucket": 0}
-    agg = rows.group_by(["kind", "key"]).aggregate([("id", "min"), ("id", "count_distinct")])
-    agg = agg.filter(pc.greater(agg["id_count_distinct"], 1))
-    stats = {"buckets": agg.num_rows, "max_bucket": int(pc.max(agg["id_count_distinct"]).as_py() or 0)}
-    if agg.num_rows == 0:
+    rank, names = rank_ids(rows.column("id"))
+    kind = rows.column("kind").to_numpy()
+    key = rows.column("key").to_numpy()
+    order = np.lexsort((rank, key, kind))
+    kind, key, rank = kind[order], key[order], rank[order]
+    new_bucket = np.ones(len(rank), dtype=bool)
+    new_bucket[1:] = (kind[1:] != kind[:-1]) | (key[1:] != key[:-1])
+    keep = new_bucket.copy()
+    keep[1:] |= rank[1:] != rank[:-1]  # one row per (bucket, id)
+    kind, rank, new_bucket = kind[keep], rank[keep], new_bucket[keep]
+    begin = np.nonzero(new_bucket)[0]
+    size = np.diff(np.append(begin, len(rank)))
+    multi = size > 1
+    stats = {"buckets": int(multi.sum()), "max_bucket": int(size.max())}
+    if not multi.any():
         return _EDGE_SCHEMA.empty_table(), stats
-    members = rows.join(agg.select(["kind", "key", "id_min", "id_count_distinct"]), keys=["kind", "key"],
-                        join_type="inner")
-    small = pc.less_equal(members["id_count_distinct"], all_pairs_max)
-    star = members.filter(pc.and_(pc.invert(small), pc.not_equal(members["id"], members["id_min"])))
-    edges = pa.table({"node": star["id_min"], "nbr": star["id"], "exact": pc.equal(star["kind"], EXACT)})
-    if all_pairs_max > 1:
-        m = members.filter(small).select(["kind", "key", "id"])
-        pairs = m.join(m, keys=["kind", "key"], join_type="inner", left_suffix="_a", right_suffix="_b")
-        pairs = pairs.filter(pc.less(pairs["id_a"], pairs["id_b"]))
-        edges = pa.concat_tables([edges, pa.table({"node": pairs["id_a"], "nbr": pairs["id_b"],
-                                                   "exact": pc.equal(pairs["kind"], EXACT)})])
-    # One edge per pair; exact if any bucket joining them was an exact bucket.
-    edges = edges.group_by(["node", "nbr"]).aggregate([("exact", "any")]).rename_columns(["node", "nbr", "exact"])
-    return edges.select(["node", "nbr", "exact"]).cast(_EDGE_SCHEMA), stats
+    begin, size = begin[multi], size[multi]
+    is_exact = kind[begin] == EXACT
+    small = size <= all_pairs_max
+    # Stars: the first (smallest) member of each large bucket -> every other member.
+    sb, ss = begin[~small], size[~small]
+    members = np.repeat(sb, ss - 1) + _ragged_arange(ss - 1) + 1
+    node = [np.repeat(rank[sb], ss - 1)]
+    nbr = [rank[members]]
+    exact = [np.repeat(is_exact[~small], ss - 1)]
+    if all_pairs_max > 1 and small.any():
+        # All pairs: member i of a bucket -> each later member (ranks ascend within a bucket).
+        pb, ps = begin[small], size[small]
+        pos = np.repeat(pb, ps) + _ragged_arange(ps)  # every member row
+        later = np.repeat(pb + ps, ps) - pos - 1  # members after it in its bucket
+        src = np.repeat(pos, later)
+        node.append(rank[src])
+        nbr.append(rank[src + 1 + _ragged_arange(later)])
+        exact.append(np.repeat(np.repeat(is_exact[small], ps), later))
+    n, m, e = unique_pairs(np.concatenate(node), np.concatenate(nbr), np.concatenate(exact))
+    return pa.table({"node": names.take(pa.array(n)), "nbr": names.take(pa.array(m)), "exact": pa.array(e)},
+                    schema=_EDGE_SCHEMA), stats
+
+
+def _ragged_arange(lens: np.ndarray) -> np.ndarray:
+    """[0..l0-1, 0..l1-1, ...] for lengths `lens`."""
+    lens = np.asarray(lens, dtype=np.int64)
+    return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
 
 
 def route_edges(edges: pa.Table, p: int) -> list[pa.Table]:

@@ -1,8 +1,8 @@
 """Vectorised MinHash over word or character n-gram shingles, bit-identical to datasketch's `affine32` scheme.
 
-A batch of documents becomes one flat array of shingle hashes (no Python loop per shingle), the
-permutations `a*h + b mod 2^32` run as one (shingles x perms) uint32 product per slice of the
-batch, and `np.minimum.reduceat` takes each document's minimum. Given the same 32-bit shingle
+A batch of documents becomes one flat array of shingle hashes (no Python loop per shingle or word),
+the permutations `a*h + b mod 2^32` run as one (perms x shingles) uint32 product per slice of the
+batch, and `np.minimum.reduceat` takes each document's minimum along contiguous rows. Given the same 32-bit shingle
 hash as its `hashfunc`, `datasketch.MinHash(num_perm, seed)` yields the same hash values (tested).
 Band keys fold each band's `rows` values into one uint64 so LSH buckets can be shuffled by key.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +19,10 @@ import numpy as np
 _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _MAX32 = np.uint32(0xFFFFFFFF)
-# Elements of one (shingles x perms) product: bounds a task's scratch memory (~64 MB of uint32).
-_SLICE_ELEMENTS = 16_000_000
+# Elements of one (perms x shingles) product: the task's scratch buffer (16 MB of uint32).
+# `python bench/dedup_sign.py FILE` times other sizes; on a 5,000-document file (800k shingles,
+# 128 perms) 1-8 M elements took 0.058-0.071 s and 16 M (a buffer beyond the caches) 0.128 s.
+_SLICE_ELEMENTS = 1 << 22
 
 
 def words(text: str) -> list[str]:
@@ -79,26 +82,40 @@ def char_shingle_hash_of_bytes(data: bytes) -> int:
     return char_shingle_hash_py(data.decode("utf-8"))
 
 
-def shingle_hashes(texts: Sequence[str], ngram: int, shingle: str = "word") -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts: Sequence[str], ngram: int, shingle: str = "word",
+                   toks: Sequence[list[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint32 shingle hashes of a batch and `starts` (n_docs + 1 offsets into them).
 
     `shingle="word"`: n-grams of words; `"char"`: n-grams of code points of the normalised text.
     A document shorter than `ngram` tokens has one shingle (all of them); an empty one has none.
-    Shingles never straddle two documents.
+    Shingles never straddle two documents. `toks`: `words(t)` of every text when the caller has
+    them already (one lower/split pass serves the exact hash too).
     """
+    if toks is None:
+        toks = [words(t) for t in texts]
     if shingle == "char":
-        norm = [normalise(t) for t in texts]
+        norm = [" ".join(t) for t in toks]  # == normalise(text)
         counts = np.fromiter((len(t) for t in norm), dtype=np.int64, count=len(norm))
         wh = np.frombuffer("".join(norm).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
         short = lambda d: char_shingle_hash_py(norm[d])  # noqa: E731
     else:
-        toks = [words(t) for t in texts]
         counts = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-        flat = [w for t in toks for w in t]
-        cache = {w: word_hash(w) for w in set(flat)}
-        wh = np.fromiter((cache[w] for w in flat), dtype=np.uint64, count=len(flat))
+        wh = _word_hashes(toks)
         short = lambda d: shingle_hash_py(toks[d])  # noqa: E731
     return _ngram_hashes(wh, counts, ngram, short)
+
+
+def _word_hashes(toks: Sequence[list[str]]) -> np.ndarray:
+    """uint64 `word_hash` of every word of the batch, in order: Arrow dictionary-encodes the words
+    (in C++), so crc32 runs once per distinct word and no Python loop runs per word."""
+    import pyarrow as pa
+
+    flat = list(chain.from_iterable(toks))
+    if not flat:
+        return np.zeros(0, dtype=np.uint64)
+    enc = pa.array(flat, pa.large_string()).dictionary_encode()
+    uniq = np.fromiter((word_hash(w) for w in enc.dictionary.to_pylist()), dtype=np.uint64, count=len(enc.dictionary))
+    return uniq[enc.indices.to_numpy()]
 
 
 def _ngram_hashes(wh: np.ndarray, counts: np.ndarray, ngram: int, short) -> tuple[np.ndarray, np.ndarray]:
@@ -137,25 +154,36 @@ def _ragged_arange(lens: np.ndarray) -> np.ndarray:
 
 
 def signatures(shingles: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n_docs, num_perm) uint32 MinHash values; an empty document gets all 0xFFFFFFFF."""
+    """(n_docs, num_perm) uint32 MinHash values; an empty document gets all 0xFFFFFFFF.
+
+    Perm-major: each slice of `_SLICE_ELEMENTS // num_perm` shingles (cut anywhere, even inside a
+    document) becomes a (num_perm x slice) product in one reused buffer, and `np.minimum.reduceat`
+    runs along its contiguous rows. A document split over slices takes the minimum of its parts,
+    so scratch memory stays bounded whatever the document lengths.
+    """
     n_docs, num_perm = len(starts) - 1, len(a)
-    sig = np.full((n_docs, num_perm), _MAX32, dtype=np.uint32)
+    sig_t = np.full((num_perm, n_docs), _MAX32, dtype=np.uint32)
     hv = fmix32(shingles.astype(np.uint32, copy=False))
-    per_slice = max(1, _SLICE_ELEMENTS // max(1, num_perm))
-    d0 = 0
-    while d0 < n_docs:
-        # Take whole documents until the slice holds about `per_slice` shingles.
-        d1 = int(np.searchsorted(starts, starts[d0] + per_slice, side="right")) - 1
-        d1 = min(max(d1, d0 + 1), n_docs)
-        s0, s1 = int(starts[d0]), int(starts[d1])
-        if s1 > s0:
-            phv = hv[s0:s1, None] * a[None, :] + b[None, :]  # uint32 wraparound = mod 2^32
-            local = starts[d0:d1] - s0
-            nonempty = starts[d0 + 1 : d1 + 1] > starts[d0:d1]
-            mins = np.minimum.reduceat(phv, local[nonempty], axis=0)
-            sig[d0:d1][nonempty] = mins
-        d0 = d1
-    return sig
+    total = len(hv)
+    docs = np.nonzero(starts[1:] > starts[:-1])[0]  # documents with at least one shingle
+    doc_starts = starts[docs]  # strictly increasing; the first is 0 when there is any shingle
+    step = max(1, _SLICE_ELEMENTS // max(1, num_perm))
+    buf = np.empty((num_perm, min(step, total)), dtype=np.uint32)
+    a_col, b_col = a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
+    for s0 in range(0, total, step):
+        s1 = min(s0 + step, total)
+        i0 = int(np.searchsorted(doc_starts, s0, side="right")) - 1  # the document holding shingle s0
+        i1 = int(np.searchsorted(doc_starts, s1, side="left"))  # documents starting before s1
+        phv = buf[:, : s1 - s0]
+        np.multiply(a_col, hv[None, s0:s1], out=phv)  # uint32 wraparound = mod 2^32
+        phv += b_col
+        local = np.maximum(doc_starts[i0:i1], s0) - s0
+        mins = np.minimum.reduceat(phv, local, axis=1)
+        cols = docs[i0:i1]
+        if starts[cols[0]] < s0:  # continues from the previous slice
+            mins[:, 0] = np.minimum(mins[:, 0], sig_t[:, cols[0]])
+        sig_t[:, cols] = mins
+    return np.ascontiguousarray(sig_t.T)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -174,8 +202,12 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def exact_hash(text: str) -> int:
     """64-bit hash of the text with case and whitespace normalised (exact dedup key)."""
-    norm = " ".join(text.lower().split()).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "little")
+    return exact_hash_of_words(words(text))
+
+
+def exact_hash_of_words(toks: list[str]) -> int:
+    """`exact_hash` of the text whose `words` are `toks`."""
+    return int.from_bytes(hashlib.blake2b(" ".join(toks).encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:

@@ -26,17 +26,28 @@ def sig_matrix(col) -> np.ndarray:
     return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.uint32).reshape(-1, k)
 
 
-def _lookup(keys: pa.ChunkedArray | pa.Array, sigs: pa.Table) -> pa.Array:
+def _lookup(keys: pa.ChunkedArray | pa.Array, sigs: pa.Table) -> np.ndarray:
+    """(len(keys), num_perm) signatures of `keys` (a numpy gather, not an Arrow list take)."""
     idx = pc.index_in(keys, value_set=sigs.column("id").combine_chunks())
     if idx.null_count:
         raise ValueError(f"{idx.null_count} candidate ids have no signature in their partition")
-    return sigs.column("sig").combine_chunks().take(idx)
+    if isinstance(idx, pa.ChunkedArray):
+        idx = idx.combine_chunks()
+    return sig_matrix(sigs.column("sig"))[idx.to_numpy(zero_copy_only=False)]
 
 
 def dedupe_edges(edges: pa.Table) -> pa.Table:
     """One row per (node, nbr); exact if any bucket joining them was an exact bucket."""
-    g = edges.group_by(["node", "nbr"]).aggregate([("exact", "any")])
-    return g.rename_columns(["node", "nbr", "exact"]).select(["node", "nbr", "exact"])
+    from llmray.data.dedup import graph
+
+    n = edges.num_rows
+    if n == 0:
+        return edges.select(["node", "nbr", "exact"])
+    ends = pa.chunked_array(edges["node"].chunks + edges["nbr"].chunks, pa.string())
+    rank, names = graph.rank_ids(ends)
+    exact = edges["exact"].to_numpy().astype(bool)
+    node, nbr, ex = graph.unique_pairs(rank[:n], rank[n:], exact)
+    return pa.table({"node": names.take(pa.array(node)), "nbr": names.take(pa.array(nbr)), "exact": pa.array(ex)})
 
 
 def attach_first(edges: pa.Table, sigs: pa.Table) -> pa.Table:
@@ -45,7 +56,10 @@ def attach_first(edges: pa.Table, sigs: pa.Table) -> pa.Table:
     if near.num_rows == 0:
         return pa.table({"node": pa.array([], pa.string()), "nbr": pa.array([], pa.string()),
                          "sig_a": sigs.column("sig").combine_chunks().slice(0, 0)})
-    return pa.table({"node": near["node"], "nbr": near["nbr"], "sig_a": _lookup(near["node"], sigs)})
+    sig_a = _lookup(near["node"], sigs)
+    flat = pa.array(sig_a.reshape(-1), pa.uint32())
+    return pa.table({"node": near["node"], "nbr": near["nbr"],
+                     "sig_a": pa.FixedSizeListArray.from_arrays(flat, sig_a.shape[1])})
 
 
 def keep(sig_a: np.ndarray, sig_b: np.ndarray, threshold: float) -> np.ndarray:
@@ -59,7 +73,7 @@ def decide(pending: pa.Table, sigs: pa.Table, threshold: float) -> tuple[pa.Tabl
     if pending.num_rows == 0:
         return pa.table({"node": pa.array([], pa.string()), "nbr": pa.array([], pa.string()),
                          "exact": pa.array([], pa.bool_())}), 0
-    ok = keep(sig_matrix(pending["sig_a"]), sig_matrix(_lookup(pending["nbr"], sigs)), threshold)
+    ok = keep(sig_matrix(pending["sig_a"]), _lookup(pending["nbr"], sigs), threshold)
     kept = pending.filter(pa.array(ok))
     return (pa.table({"node": kept["node"], "nbr": kept["nbr"], "exact": pa.array(np.zeros(kept.num_rows, bool))}),
             int(pending.num_rows - kept.num_rows))
