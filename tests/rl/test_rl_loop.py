@@ -228,23 +228,43 @@ def _check_resume(cfg) -> None:
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, 10))  # steps 1-8 were not redone
 
 
-def test_ppo_survives_killed_ref_reward_and_critic(rl_sft_model, rl_fixed_prompts, tmp_path):
-    """Every role survives a kill (the rollout engine and the actor: the GRPO test above; a rollout
-    engine during a weight push: tests/rl_infra). The stateless ref and reward are restarted and their
-    call retried; the critic takes both training groups back to the last checkpoint, optimizer states
-    restored. The restarts are counted in the metrics and the result. The first step is a critic
+def test_ppo_survives_killed_ref_reward_critic_and_rollout_mid_push(rl_sft_model, rl_fixed_prompts, tmp_path,
+                                                                    monkeypatch):
+    """Every role survives a kill (the rollout engine during generation and the actor: the GRPO test
+    above). The stateless ref and reward are restarted and their call retried; the critic takes both
+    training groups back to the last checkpoint, optimizer states restored; a rollout engine killed in
+    the middle of a weight push (its receive calls sent, the actor broadcasting) is restarted and the
+    push repeated. The restarts are counted in the metrics and the result. The first step is a critic
     warmup step: the critic trains, the actor does not (it equals the ref until step 2's update)."""
+    import signal
+
+    import llmray.rl.weight_collective as wc
+
+    real_wait, pushes, mid_push = wc._wait_engines, [], []
+
+    def wait_with_a_kill(group, refs, *args):
+        """The driver's wait for the engines' receives: on the second push, SIGKILL engine 0 first."""
+        pushes.append(1)
+        if len(pushes) == 2:
+            mid_push.append(group.pids()[0])
+            os.kill(mid_push[0], signal.SIGKILL)
+        return real_wait(group, refs, *args)
+
+    monkeypatch.setattr(wc, "_wait_engines", wait_with_a_kill)
     cfg = small_config(rl_sft_model, rl_fixed_prompts, tmp_path, "algo.algorithm=ppo", "steps=5",
                        "algo.minibatch_size=32", "checkpoint.every_n_steps=2", "eval_every=-1",
                        "algo.critic_warmup=1")
+    assert cfg.weight_sync.transport in ("auto", "collective")  # auto: the collective transport on CPU too
     run_dir = Path(cfg.run_dir)
     out, killed = _run_with_kills(cfg, [("ref", 1, False), ("reward", 2, False), ("critic", 3, True)])
-    assert [k[0] for k in killed] == ["ref", "reward", "critic"]
-    assert out["steps"] == 5 and out["trainer_restarts"] == 1 and out["restarts"] >= 3
+    assert [k[0] for k in killed] == ["ref", "reward", "critic"] and mid_push
+    assert out["steps"] == 5 and out["trainer_restarts"] == 1 and out["restarts"] >= 4
+    assert out["rollout_restarts"] == 1
     restarts = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
-    assert {r["role"] for r in restarts} >= {"ref", "reward", "actor+critic"}
+    assert {r["role"] for r in restarts} >= {"ref", "reward", "actor+critic", "rollout"}
+    assert any(r["role"] == "rollout" and "weight sync" in r["cause"] for r in restarts), restarts
     rows = _rows(run_dir)
-    assert rows[-1]["step"] == 5 and rows[-1]["faults/restarts"] >= 3
+    assert rows[-1]["step"] == 5 and rows[-1]["faults/restarts"] >= 4
     steps = [r["step"] for r in rows]
     back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[back] - 1 in (2, 4) and steps[back:] == list(range(steps[back], 6))  # resumed from a checkpoint
