@@ -78,8 +78,10 @@ def test_gate_decision_is_in_the_manifest_of_a_loadable_draft(draft_run):
     assert spec["tok_s"]["plain"] > 1 and spec["tok_s"]["draft"] > 1
     speedup = spec["tok_s"]["draft"] / spec["tok_s"]["plain"]
     assert spec["speedups"]["draft"] == pytest.approx(speedup, abs=2e-3)
-    # The rule: draft on exactly when it was measured >= 1.1x with identical outputs.
-    assert (spec["method"] == "draft") == (speedup >= 1.1)
+    # The rule: the fastest candidate measured >= 1.1x with identical outputs, else none (the n-gram
+    # candidate can beat a draft that also passes).
+    passing = {k: v for k, v in spec["speedups"].items() if v >= 1.1 and spec["identical"][k]}
+    assert spec["method"] == (max(passing, key=passing.get) if passing else None), spec
     assert spec["draft_model"] == (cfg.output if spec["method"] == "draft" else None)
     check_draft_tokenizer(draft_run["target"], cfg.output)  # the draft ships the target's tokenizer
 
