@@ -318,10 +318,23 @@ def sweep(url: str, ps: list[str], api_key: str | None = None, beside: str | Non
     return res
 
 
+def wait_quiet(limit_s: float = 90.0, busy_pct: float = 20.0) -> None:
+    """Wait until the machine is idle (whole-machine CPU below `busy_pct` over a second), at most
+    `limit_s`: a stopped variant's processes (engine core teardown, Ray workers exiting) must not
+    run into the next variant's rounds, which only the next variant would pay for."""
+    import psutil
+
+    t = time.monotonic()
+    while (pct := psutil.cpu_percent(interval=1.0)) >= busy_pct and time.monotonic() - t < limit_s:
+        pass
+    log(f"  machine CPU {pct:.0f}% after {time.monotonic() - t:.0f}s of waiting for it to settle")
+
+
 def bench_ours(name: str, model: Path, engine: dict, ps: list[str], beside: str,
                ingress: str = "auto") -> dict[int, dict]:
     from llmray.serving.server import start
 
+    wait_quiet()
     log(f"starting ours: {name}")
     cfg = our_config(name, model, engine, ingress)
     t = time.monotonic()
@@ -497,6 +510,7 @@ def main() -> int:
             # vLLM's server with the setting our replicas use: on CPU, VLLM_ENABLE_V1_MULTIPROCESSING=0
             # keeps the model worker inside the engine-core process instead of a third process.
             try:
+                wait_quiet()
                 with VllmServer(m["target"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, "vllm_serve/inproc") as url:
                     results["vllm_serve/inproc"] = sweep(url, ps, beside=vllm_url)
             except Exception as e:  # noqa: BLE001 - report the others
