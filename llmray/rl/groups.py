@@ -1,7 +1,7 @@
 """The role groups of one RL run: start (rollout, actor, critic, ref, reward), placement, thread budget, restarts.
 
     roles = RoleGroups(cfg, validate_models(cfg))
-    roles.start()                                   # rollout engines first, then the trainers, then ref/reward
+    roles.start()                                   # every role's group at once
     rollouts = roles.generate(prompt_ids, sampling) # a dead engine is restarted, re-synced, retried
     roles.restart_trainers(cause)                   # a DeepSpeed world cannot lose a rank and go on
     roles.shutdown()
@@ -183,7 +183,10 @@ class RoleGroups:
         a restarted engine is given the current weights again through it."""
 
     def start(self) -> None:
-        """Rollout engines first (the most likely to fail on bad input), then the other roles."""
+        """Every role's group at once: each role's processes import their libraries and load their models
+        in parallel, instead of each role waiting for the one before. If any role fails to start, the
+        others are shut down and the first failure in role order (rollout, actor, critic, ref, reward)
+        is raised."""
         from llmray.rl.weight_sync import make_weight_sync
         from llmray.rl.worker_group import WorkerGroup
         from llmray.rl.workers.ref import RefWorker
@@ -191,29 +194,53 @@ class RoleGroups:
         from llmray.rl.workers.rollout import HFRolloutWorker, RolloutWorker
 
         c, r = self.cfg, self.cfg.rollout
-        self.groups["rollout"] = WorkerGroup(
-            "rollout", RolloutWorker if r.engine == "vllm" else HFRolloutWorker, r.num_workers, _res(r),
-            rollout_init_kwargs(c, self.dirs["actor"]), call_timeout_s=r.call_timeout_s, env=thread_env(c))
         self.sync = make_weight_sync(c.weight_sync, gpu=c.actor.gpus_per_worker > 0 and r.gpus_per_worker > 0)
-        self._start_trainers()
-        pg_ref = self._colocated("actor") if c.placement.colocate_actor_ref else (None, None)
-        self.groups["ref"] = WorkerGroup(
+        builders = {"rollout": lambda: WorkerGroup(
+            "rollout", RolloutWorker if r.engine == "vllm" else HFRolloutWorker, r.num_workers, _res(r),
+            rollout_init_kwargs(c, self.dirs["actor"]), call_timeout_s=r.call_timeout_s, env=thread_env(c))}
+        builders.update(self._trainer_builders())  # places the shared placement groups first
+        pg_ref = self._shared_placement("actor") if c.placement.colocate_actor_ref else (None, None)
+        builders["ref"] = lambda: WorkerGroup(
             "ref", RefWorker, c.ref.num_workers, _res(c.ref),
             {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
             placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
             env=thread_env(c))
-        pg_rw = self._colocated("critic") if c.placement.colocate_critic_reward else (None, None)
-        self.groups["reward"] = WorkerGroup(
+        pg_rw = self._shared_placement("critic") if c.placement.colocate_critic_reward else (None, None)
+        builders["reward"] = lambda: WorkerGroup(
             "reward", RewardWorker, c.reward.num_workers, _res(c.reward),
             {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
              "model_weight": c.reward.model_weight},
             placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
             env=thread_env(c))
+        self._start_all(builders)
 
-    def _colocated(self, role: str):
-        """The (placement group, bundle indices) of `role`'s group, to share its bundles."""
-        g = self.groups[role]
-        return g.placement_group, list(g.bundle_indices)
+    def _start_all(self, builders: dict) -> None:
+        """Build the groups `builders` (role -> constructor) concurrently into `self.groups`; on any
+        failure shut down the ones that started and raise the first failure in `builders`' order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(builders), thread_name_prefix="llmray-role-start") as pool:
+            futures = {role: pool.submit(build) for role, build in builders.items()}
+        errors = {}
+        for role, f in futures.items():
+            try:
+                self.groups[role] = f.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are stopped
+                errors[role] = e
+        if errors:
+            for role in futures:
+                g = self.groups.pop(role, None)
+                if g is not None:
+                    g.shutdown()
+            raise next(iter(errors.values()))
+        log.info("started %s in %.1fs", ", ".join(builders), time.monotonic() - t0)
+
+    def _shared_placement(self, role: str):
+        """(placement group, bundle indices) that `role` shares with its partner (ref with actor,
+        reward with critic); placed by `_trainer_placement` before any group starts."""
+        n = getattr(self.cfg, role).num_workers
+        return self.shared_pgs[role], list(range(n))
 
     def _trainer_placement(self, role: str, res: dict, num_workers: int):
         """(placement group, bundle indices) of the actor or critic: its own (None, None), or one shared
@@ -233,8 +260,9 @@ class RoleGroups:
             self.shared_pgs[role] = pg
         return self.shared_pgs[role], list(range(num_workers))
 
-    def _start_trainers(self) -> None:
-        """Actor and critic groups (each in its own placement group, or one shared with ref/reward)."""
+    def _trainer_builders(self) -> dict:
+        """role -> constructor of the actor and critic groups (each in its own placement group, or
+        one shared with ref/reward, placed here)."""
         from llmray.config import to_dict
         from llmray.rl.worker_group import WorkerGroup
         from llmray.rl.workers.actor import ActorWorker
@@ -242,19 +270,20 @@ class RoleGroups:
 
         c = self.cfg
         total = c.steps * c.algo.epochs * (c.algo.batch_size // c.algo.minibatch_size)
+        builders = {}
         for role, cls, rc, extra in [("actor", ActorWorker, c.actor, {"temperature": c.rollout.temperature}),
                                      ("critic", CriticWorker, c.critic, {})]:
             if role == "critic" and not c.algo.uses_critic:
                 continue
             res = _res(rc)
             pg, bundles = self._trainer_placement(role, res, rc.num_workers)
-            ds = trainer_deepspeed(c, role)
-            self.groups[role] = WorkerGroup(
-                role, cls, rc.num_workers, res,
-                {"model_dir": self.dirs[role], "deepspeed": ds, "optimizer": to_dict(rc.optimizer),
-                 "total_steps": max(1, total), "seed": c.seed, **extra},
-                placement_group=pg, bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s,
-                env=thread_env(c))
+            init = {"model_dir": self.dirs[role], "deepspeed": trainer_deepspeed(c, role),
+                    "optimizer": to_dict(rc.optimizer), "total_steps": max(1, total), "seed": c.seed, **extra}
+            builders[role] = (lambda role=role, cls=cls, rc=rc, res=res, init=init, pg=pg, bundles=bundles:
+                              WorkerGroup(role, cls, rc.num_workers, res, init, placement_group=pg,
+                                          bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s,
+                                          env=thread_env(c)))
+        return builders
 
     def restart_trainers(self, cause: str) -> None:
         """Replace the actor and critic groups (a DeepSpeed world cannot lose a rank and go on)."""
@@ -263,7 +292,7 @@ class RoleGroups:
             if g is not None:
                 g.shutdown()
         # Placement groups shared with ref/reward stay: ref/reward still live in them.
-        self._start_trainers()
+        self._start_all(self._trainer_builders())
         self.log_restart("actor+critic", -1, cause)
 
     def generate(self, prompt_ids: list[list[int]], sampling: dict) -> list[dict]:

@@ -81,11 +81,15 @@ def init_distributed(backend: str = "auto", shm_collectives: bool = False) -> No
 
     t0 = time.monotonic()
     shm = shm_collectives and backend == "gloo" and dist.is_initialized() and shm_comm.prepare()
+    t1 = time.monotonic()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    t2 = time.monotonic()
     if shm:
         shm_comm.install()
-    log.info("distributed ready (%s%s, world %d) in %.1fs", backend,
-             " + shared-memory collectives" if shm_comm.active() else "", dist.get_world_size(), time.monotonic() - t0)
+    t3 = time.monotonic()
+    log.info("distributed ready (%s%s, world %d) in %.1fs (host check %.1fs, DeepSpeed comm %.1fs, shm %.1fs)",
+             backend, " + shared-memory collectives" if shm_comm.active() else "", dist.get_world_size(),
+             t3 - t0, t1 - t0, t2 - t1, t3 - t2)
 
 
 def param_groups(model: "torch.nn.Module", weight_decay: float) -> list[dict[str, Any]]:
