@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,14 @@ def setup_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = os.environ.get("LLMRAY_ROOT") or os.getcwd()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(root, ".cache", "torch_extensions"))
+    # DeepSpeed compiles its ops with the first `ninja` on PATH. Two ninja versions keep build logs
+    # that the other cannot match, so a cache built by one is rebuilt (~45 s) by the other: a system
+    # ninja for processes started from a plain shell, the environment's own for ones started with its
+    # bin/ on PATH. Use the environment's own (DeepSpeed depends on it) wherever it is installed.
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bindir, "ninja")) and not path.startswith(bindir + os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
     # DeepSpeed's ZeRO-2/3 collectives call torch's renamed all_gather_into_tensor /
     # reduce_scatter_tensor, and torch warned at every call: dozens of lines per run, nothing to act on.
     import warnings

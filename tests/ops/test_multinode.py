@@ -34,8 +34,8 @@ def client(two_node_cluster):
 @pytest.fixture(scope="module")
 def runtime_env():
     # The shared runtime_env minus pip: this machine is offline and .venv already has the pins. DeepSpeed's
-    # compiled ops come from this checkout's cache (the rest of the suite's), not the cluster's per-node
-    # /tmp path, which another checkout on this machine, with its own venv path, would rebuild (~40 s).
+    # compiled ops come from this checkout's cache, as for the rest of the suite, not from the cluster's
+    # per-node /tmp path, which another checkout (other venv paths) on this machine would rebuild.
     return load_runtime_env(ROOT / "cluster" / "runtime_env.yaml", pip=False, working_dir=str(ROOT),
                             env_vars={"TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
 

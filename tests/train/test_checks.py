@@ -256,3 +256,20 @@ def test_fit_to_workers_refuses_too_few_rows_and_evens_out_the_held_rows():
     assert fit_to_workers(cfg, list(range(8)), list(range(7)), "pairs") == list(range(6))
     with pytest.raises(UserError, match=r"/d/pairs.jsonl: 7 training pairs, fewer than .* \(8\)"):
         fit_to_workers(cfg, list(range(7)), [], "pairs")
+
+
+def test_setup_env_puts_the_environments_own_ninja_first(monkeypatch, tmp_path):
+    """DeepSpeed compiles with the first `ninja` on PATH; the environment's own one must win over a
+    system ninja, whose build log another version cannot match (every switch rebuilt the op)."""
+    import os
+    import sys
+
+    from llmray.train.engine import setup_env
+
+    bindir = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(bindir, "ninja")), "DeepSpeed's ninja should be in the environment"
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}/bin")
+    setup_env()
+    assert os.environ["PATH"].split(os.pathsep)[:2] == [bindir, "/usr/bin"]
+    setup_env()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep).count(bindir) == 1
