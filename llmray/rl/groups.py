@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from llmray.errors import UserError
@@ -195,19 +196,19 @@ class RoleGroups:
 
         c, r = self.cfg, self.cfg.rollout
         self.sync = make_weight_sync(c.weight_sync, gpu=c.actor.gpus_per_worker > 0 and r.gpus_per_worker > 0)
-        builders = {"rollout": lambda: WorkerGroup(
-            "rollout", RolloutWorker if r.engine == "vllm" else HFRolloutWorker, r.num_workers, _res(r),
-            rollout_init_kwargs(c, self.dirs["actor"]), call_timeout_s=r.call_timeout_s, env=thread_env(c))}
+        builders = {"rollout": partial(
+            WorkerGroup, "rollout", RolloutWorker if r.engine == "vllm" else HFRolloutWorker, r.num_workers,
+            _res(r), rollout_init_kwargs(c, self.dirs["actor"]), call_timeout_s=r.call_timeout_s, env=thread_env(c))}
         builders.update(self._trainer_builders())  # places the shared placement groups first
         pg_ref = self._shared_placement("actor") if c.placement.colocate_actor_ref else (None, None)
-        builders["ref"] = lambda: WorkerGroup(
-            "ref", RefWorker, c.ref.num_workers, _res(c.ref),
+        builders["ref"] = partial(
+            WorkerGroup, "ref", RefWorker, c.ref.num_workers, _res(c.ref),
             {"model_dir": self.dirs["ref"], "temperature": r.temperature, "micro_batch_size": c.ref.micro_batch_size},
             placement_group=pg_ref[0], bundle_indices=pg_ref[1], call_timeout_s=c.fault.call_timeout_s,
             env=thread_env(c))
         pg_rw = self._shared_placement("critic") if c.placement.colocate_critic_reward else (None, None)
-        builders["reward"] = lambda: WorkerGroup(
-            "reward", RewardWorker, c.reward.num_workers, _res(c.reward),
+        builders["reward"] = partial(
+            WorkerGroup, "reward", RewardWorker, c.reward.num_workers, _res(c.reward),
             {"kind": c.reward.kind, "model_dir": self.dirs.get("reward"), "rule_weight": c.reward.rule_weight,
              "model_weight": c.reward.model_weight},
             placement_group=pg_rw[0], bundle_indices=pg_rw[1], call_timeout_s=c.fault.call_timeout_s,
@@ -279,10 +280,8 @@ class RoleGroups:
             pg, bundles = self._trainer_placement(role, res, rc.num_workers)
             init = {"model_dir": self.dirs[role], "deepspeed": trainer_deepspeed(c, role),
                     "optimizer": to_dict(rc.optimizer), "total_steps": max(1, total), "seed": c.seed, **extra}
-            builders[role] = (lambda role=role, cls=cls, rc=rc, res=res, init=init, pg=pg, bundles=bundles:
-                              WorkerGroup(role, cls, rc.num_workers, res, init, placement_group=pg,
-                                          bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s,
-                                          env=thread_env(c)))
+            builders[role] = partial(WorkerGroup, role, cls, rc.num_workers, res, init, placement_group=pg,
+                                     bundle_indices=bundles, call_timeout_s=c.fault.call_timeout_s, env=thread_env(c))
         return builders
 
     def restart_trainers(self, cause: str) -> None:

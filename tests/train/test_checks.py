@@ -258,7 +258,7 @@ def test_fit_to_workers_refuses_too_few_rows_and_evens_out_the_held_rows():
         fit_to_workers(cfg, list(range(7)), [], "pairs")
 
 
-def test_setup_env_puts_the_environments_own_ninja_first(monkeypatch, tmp_path):
+def test_setup_env_puts_the_environments_own_ninja_first(monkeypatch):
     """DeepSpeed compiles with the first `ninja` on PATH; the environment's own one must win over a
     system ninja, whose build log another version cannot match (every switch rebuilt the op)."""
     import os
